@@ -1,0 +1,56 @@
+"""Typed events that long work yields, and the helpers that drive such generators.
+
+Long work (segmentation, training, evaluation) is a generator: it yields events,
+checks a stop flag between steps and *returns* its result. The CLI drives it
+with a progress bar, the GUI with napari's ``thread_worker``, tests with
+:func:`run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import Cancelled
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a staged job: ``done`` of ``total`` steps, now in ``stage``."""
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+StopFlag = Callable[[], bool] | threading.Event | None
+
+
+def stop_requested(stop: StopFlag) -> bool:
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
+def check_stop(stop: StopFlag) -> None:
+    """Raise :class:`Cancelled` when the user asked to stop."""
+    if stop_requested(stop):
+        raise Cancelled()
+
+
+def run(job: Generator[Any, None, T], on_event: Callable[[Any], None] | None = None) -> T:
+    """Drive a job generator to its end and return what it returned."""
+    while True:
+        try:
+            event = next(job)
+        except StopIteration as finished:
+            return finished.value
+        if on_event is not None:
+            on_event(event)

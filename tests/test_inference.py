@@ -1,0 +1,94 @@
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import oblique_affine, phantom
+
+from napari_meshchop import checkpoint
+from napari_meshchop.errors import Cancelled, MeshchopError
+from napari_meshchop.events import Progress, run
+from napari_meshchop.inference import (FusedMeshNet, _conv_relu_in_slabs, available_devices,
+                                       resolve_device, segment, segment_file)
+from napari_meshchop.nifti import load_volume
+
+
+def _probability(fused, volume):
+    return run(fused.lesion_probability(volume))
+
+
+def test_fused_pass_equals_the_plain_model(tiny_checkpoint):
+    model = checkpoint.load(tiny_checkpoint).build()
+    volume = np.random.default_rng(1).random((21, 18, 25), dtype=np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(volume)[None, None])
+        expected = torch.softmax(logits, dim=1)[0, 1].numpy()
+    for slab in (3, 7, 64):  # slabs thinner than the dilation, uneven, and whole-volume
+        got = _probability(FusedMeshNet(model, slab=slab), volume)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_slabs_handle_every_face():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 11, 9, 10).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(5, 3, 3, 3, 3), torch.randn(5)
+    for d in (1, 4, 16):
+        expected = torch.nn.functional.conv3d(x, w, b, padding=d, dilation=d).relu()
+        for slab in (1, 4, 11):
+            torch.testing.assert_close(_conv_relu_in_slabs(x, w, b, d, slab), expected,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_segment_reports_progress_and_returns_a_mask_on_the_input_grid(tiny_checkpoint):
+    img = nib.Nifti1Image(phantom(), oblique_affine())
+    events = []
+    result = run(segment(img, tiny_checkpoint, device="cpu"), events.append)
+    assert all(isinstance(e, Progress) for e in events)
+    done = [e.done for e in events]
+    assert done == sorted(done) and events[-1].done == events[-1].total
+    assert {"model", "preprocess", "network", "map back"} <= {e.stage for e in events}
+    assert result.mask.shape == img.shape and result.mask.dtype == np.uint8
+    np.testing.assert_array_equal(result.affine, img.affine)
+    assert 0 < result.lesion_voxels < result.mask.size  # the tiny model marks some voxels
+    assert result.lesion_ml == pytest.approx(result.lesion_voxels * 1.2 * 0.9 * 2.5 / 1000)
+
+
+def test_stop_cancels_between_layers_and_writes_nothing(tiny_checkpoint, tmp_path):
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(phantom(), np.eye(4)), src)
+    stop = threading.Event()
+    out = tmp_path / "mask.nii.gz"
+    job = segment_file(src, out, tiny_checkpoint, device="cpu", stop=stop)
+    with pytest.raises(Cancelled):
+        for event in job:
+            if event.stage == "network":
+                stop.set()
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_storage_type_does_not_change_the_prediction(tiny_checkpoint, tmp_path):
+    values = np.round(np.clip(phantom() * 2, 0, 255)).astype(np.int16)  # integers 0..255
+    assert values.max() <= 255
+    masks = {}
+    for name in ("uint8", "int16", "float64", "slope"):
+        img = nib.Nifti1Image(values.astype(name if name != "slope" else np.int16), np.eye(4))
+        if name == "slope":
+            img.header.set_slope_inter(0.5, 0.0)  # the same image, stored scaled
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(img, path)
+        assert nib.load(path).get_data_dtype() == np.dtype(name if name != "slope" else "int16")
+        masks[name] = run(segment(load_volume(path), tiny_checkpoint, device="cpu")).mask
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(mask, masks["uint8"], err_msg=name)
+
+
+def test_devices():
+    assert available_devices()[:2] == ["auto", "cpu"]
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(MeshchopError, match="unknown device"):
+        resolve_device("tpu")
+    for missing in {"cuda", "mps"} - set(available_devices()):
+        with pytest.raises(MeshchopError, match="not available"):
+            resolve_device(missing)
