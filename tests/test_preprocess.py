@@ -92,3 +92,17 @@ def test_spec_validation_and_round_trip():
         PreprocessSpec("zscore")
     with pytest.raises(ValueError, match="256"):
         PreprocessSpec("conform", shape=(128, 128, 128))
+
+
+def test_conform_masks_land_on_their_image_grid():
+    from napari_meshchop.conform import conform_mask
+
+    img = nib.Nifti1Image(phantom(), oblique_affine())
+    lesion = (phantom(seed=3) < 50).astype(np.uint8)
+    same_header = nib.Nifti1Image(lesion, img.affine)
+    on_grid = prepare_mask(same_header, img, PreprocessSpec())
+    np.testing.assert_array_equal(on_grid, np.asarray(conform_mask(same_header).dataobj))
+    # A mask stored on a cropped grid (another header) still lands where its image is.
+    cropped = nib.Nifti1Image(lesion[5:], img.affine @ nib.affines.from_matvec(np.eye(3), [5, 0, 0]))
+    np.testing.assert_array_equal(prepare_mask(cropped, img, PreprocessSpec())[on_grid == 0], 0)
+    assert (prepare_mask(cropped, img, PreprocessSpec()) == on_grid).mean() > 0.999

@@ -63,24 +63,21 @@ def conform(img: nib.spatialimages.SpatialImage, order: int = 1) -> nib.Nifti1Im
     if len(img.shape) != 3:
         raise ValueError(f"conform needs a 3D image, got shape {img.shape}")
     dst = conformed_affine(img.affine, img.shape)
-    if _is_plain_uint8(img):
-        # FreeSurfer leaves the intensities of a uchar volume alone (niimath would
-        # stretch them again), so an already conformed scan comes back unchanged.
-        scaled = np.asarray(img.dataobj)
-    else:
-        data = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope/inter applied
-        # A few negative voxels (under 2%: interpolation ringing, noise) must not set the
-        # black level; niimath reads them as 0. More than that is signal and is kept.
-        if 0 < np.count_nonzero(data < 0) < 0.02 * data.size:
-            data = np.maximum(data, np.float32(0))
-        lo, hi = robust_range(data, 0.0, F_HIGH)
-        scale = 255.0 / (hi - lo) if hi > lo else 1.0
-        # Scale and clip on the input grid, before resampling, as niimath does (FastSurfer
-        # clips after resampling; the two differ only next to clipped voxels).
-        scaled = data - np.float32(lo)
-        scaled *= np.float32(scale)
-        np.clip(scaled, 0.0, 255.0, out=scaled)
-        del data
+    # Every input gets the robust scaling, a uint8 one too (FreeSurfer would leave a uchar
+    # volume alone): the same image stored as uint8, int16 or float must conform alike.
+    data = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope/inter applied
+    # A few negative voxels (under 2%: interpolation ringing, noise) must not set the
+    # black level; niimath reads them as 0. More than that is signal and is kept.
+    if 0 < np.count_nonzero(data < 0) < 0.02 * data.size:
+        data = np.maximum(data, np.float32(0))
+    lo, hi = robust_range(data, 0.0, F_HIGH)
+    scale = 255.0 / (hi - lo) if hi > lo else 1.0
+    # Scale and clip on the input grid, before resampling, as niimath does (FastSurfer
+    # clips after resampling; the two differ only next to clipped voxels).
+    scaled = data - np.float32(lo)
+    scaled *= np.float32(scale)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    del data
     out = resample(scaled, img.affine, dst, CONFORMED_SHAPE, order=order)
     # Round half up, as niimath's float -> uint8 conversion does (all values are >= 0).
     out += 0.5
@@ -96,15 +93,6 @@ def conform_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
     dst = conformed_affine(img.affine, img.shape)
     out = resample(mask, img.affine, dst, CONFORMED_SHAPE, order=0, output=np.uint8)
     return _nifti(out, dst, img)
-
-
-def _is_plain_uint8(img) -> bool:
-    """Voxels are uint8 with no intensity scaling (on disk, or an in-memory array)."""
-    if img.dataobj.dtype != np.uint8:
-        return False
-    slope = getattr(img.dataobj, "slope", 1.0)
-    inter = getattr(img.dataobj, "inter", 0.0)
-    return slope == 1.0 and inter == 0.0
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray, like) -> nib.Nifti1Image:

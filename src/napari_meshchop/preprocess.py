@@ -85,27 +85,28 @@ def network_grid(affine: np.ndarray, shape: tuple[int, ...], spec: PreprocessSpe
 
 def prepare(img: nib.Nifti1Image, spec: PreprocessSpec) -> Prepared:
     """Resample ``img`` onto the network grid and scale it to [0, 1]."""
-    data = np.asarray(img.dataobj, dtype=np.float32)
     if spec.name == "conform":
         conformed = _conform.conform(img)
-        volume = np.asarray(conformed.dataobj, dtype=np.float32) / 255.0
+        volume = np.asarray(conformed.dataobj, dtype=np.float32) / np.float32(255)
         grid = conformed.affine
     else:
-        grid = network_grid(img.affine, data.shape, spec)
-        volume = resample(data, img.affine, grid, spec.shape, order=1)
+        grid = network_grid(img.affine, img.shape, spec)
+        volume = resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, grid,
+                          spec.shape, order=1)
         lo, hi = float(volume.min()), float(volume.max())
         volume -= lo
         volume /= max(hi - lo, 1e-8)
-    return Prepared(volume.astype(np.float32, copy=False), grid, img.affine, data.shape[:3])
+    return Prepared(volume, grid, np.asarray(img.affine), tuple(img.shape[:3]))
 
 
 def prepare_mask(mask: nib.Nifti1Image, like: nib.Nifti1Image, spec: PreprocessSpec) -> np.ndarray:
-    """A lesion mask onto the network grid of its image: nearest neighbour, then > 0."""
-    if spec.name == "conform":
-        return np.asarray(_conform.conform_mask(mask).dataobj, dtype=np.uint8)
+    """A lesion mask onto the network grid of its image ``like``: > 0, then nearest neighbour.
+
+    Binarising first keeps a lesion stored with an odd scl_slope (1/255, say) intact.
+    """
     grid = network_grid(like.affine, like.shape, spec)
-    data = np.asarray(mask.dataobj, dtype=np.float32)
-    return (resample(data, mask.affine, grid, spec.shape, order=0) > 0).astype(np.uint8)
+    lesion = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    return resample(lesion, mask.affine, grid, spec.shape, order=0, output=np.uint8)
 
 
 def to_source(values: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray:
