@@ -1,0 +1,277 @@
+"""The Segment widget, opened through the manifest and driven like a user would.
+
+Fast tests use a tiny untrained MeshNet on small synthetic scans; the real-data test
+segments the ARC sample with the pretrained MeshNet-26 (about 2 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import QSettings
+
+from napari_meshchop import checkpoint, layers
+from napari_meshchop._reader import read_layer
+from napari_meshchop._segment_widget import CHECKPOINT, SegmentWidget
+from napari_meshchop.model import Architecture, MeshNet
+from napari_meshchop.preprocess import PreprocessSpec
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRANSFORM = ("scale", "translate", "rotate", "shear")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Registry files from the local mirror; the widget's QSettings in tmp_path."""
+    monkeypatch.setenv("MESHCHOP_MIRROR", str(SHARED_DATA))
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = MeshNet(Architecture(channels=2))
+    ck = checkpoint.from_model(model.eval(), PreprocessSpec(name="ras-minmax", shape=(32,) * 3))
+    return ck.save(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def _scan_file(tmp_path, affine=None, shape=(40, 36, 30), name="scan") -> Path:
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    head = (grid**2).sum(0) < 0.8
+    lesion = ((grid - np.array([0.4, 0.1, 0.0])[:, None, None, None]) ** 2).sum(0) < 0.05
+    data = (100 * head - 60 * (lesion & head)).astype(np.int16)
+    if affine is None:  # LIA, like conformed FreeSurfer scans
+        affine = np.array([[-1.2, 0, 0, 20], [0, 0, 1.0, -15], [0, -0.9, 0, 18], [0, 0, 0, 1]])
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _open_widget(viewer, model: Path | None = None) -> SegmentWidget:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Segment stroke lesion")
+    if model is not None:
+        widget._model.value = CHECKPOINT
+        widget._checkpoint.value = model
+    widget._device.value = "cpu"
+    return widget
+
+
+def _run(qtbot, widget, timeout_s=60):
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout_s * 1000)
+
+
+def _errors(monkeypatch):
+    import napari_meshchop._segment_widget as module
+
+    shown: list[str] = []
+    monkeypatch.setattr(module, "show_error", shown.append)
+    return shown
+
+
+def _assert_overlays(labels, image):
+    assert labels.data.dtype == np.uint8 and labels.data.shape == image.data.shape
+    for key in TRANSFORM:
+        assert np.array_equal(getattr(labels, key), getattr(image, key)), key
+    assert np.array_equal(labels.affine.affine_matrix, image.affine.affine_matrix)
+    assert labels.units == image.units
+
+
+def test_segment_replaces_its_layer_and_saves_on_the_source_grid(
+        make_napari_viewer, qtbot, tiny_model, tmp_path):
+    import napari
+
+    viewer = make_napari_viewer()
+    path = _scan_file(tmp_path)
+    (image,) = viewer.open(str(path), plugin="napari-meshchop")
+    widget = _open_widget(viewer, tiny_model)
+    assert widget._image.value is image
+    assert widget._device.choices[:2] == ("auto", "cpu")
+    assert "36 x 30 x 40 voxels of 0.9 x 1 x 1.2 mm" in widget._geometry.value
+    seen, show_progress = [], widget._on_progress
+    widget._on_progress = lambda event: (show_progress(event), seen.append(widget._status.value))
+
+    _run(qtbot, widget)
+    labels = viewer.layers["scan lesion"]
+    _assert_overlays(labels, image)
+    assert set(np.unique(labels.data)) <= {0, 1}
+    assert "mL" in widget._result.value and "tiny.pt on cpu" in widget._result.value
+    assert {s.split(":")[0] for s in seen} >= {"load", "preprocess", "network", "map back"}
+    assert labels.metadata["lesion_ml"] == pytest.approx(
+        labels.data.sum() * 1.2 * 0.9 / 1000, rel=1e-6)
+
+    labels.opacity = 0.3  # a user's tweak survives a second run
+    _run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["scan", "scan lesion"]
+    assert viewer.layers["scan lesion"] is labels and labels.opacity == 0.3
+
+    out = tmp_path / "mask.nii.gz"
+    napari.save_layers(str(out), [labels], plugin="napari-meshchop")
+    mask, src = nib.load(out), nib.load(path)
+    assert mask.shape == src.shape and np.array_equal(mask.affine, src.affine)
+    assert int(np.asarray(mask.dataobj).sum()) == int(labels.data.sum())
+
+
+def test_same_mask_from_our_reader_a_plain_array_and_a_napari_nifti_layer(
+        make_napari_viewer, qtbot, tiny_model, tmp_path):
+    """The network sees the same voxels however the scan reached napari."""
+    from test_napari_layers import napari_nifti_style
+
+    viewer = make_napari_viewer()
+    path = _scan_file(tmp_path, affine=np.diag([1.0, 1.0, 1.0, 1.0]), shape=(30, 34, 38))
+    src = nib.load(path)
+    data = np.asarray(src.dataobj)
+    ours = viewer.add_layer(_layer(read_layer(path)))
+    sar, kwargs = napari_nifti_style(data, src.affine)
+    theirs = viewer.add_image(sar, name="nifti", **kwargs)
+    plain = viewer.add_image(np.ascontiguousarray(ours.data), name="plain")
+    widget = _open_widget(viewer, tiny_model)
+    masks = {}
+    for layer in (ours, theirs, plain):
+        widget._image.value = layer
+        if layer is plain:
+            assert "assumed voxels of 1 x 1 x 1 mm" in widget._geometry.value
+        else:
+            assert "assumed" not in widget._geometry.value
+        _run(qtbot, widget)
+        labels = viewer.layers[f"{layer.name} lesion"]
+        _assert_overlays(labels, layer)
+        masks[layer.name] = labels.data
+    assert masks["scan"].any()
+    # Back to the file's RAS voxel order: ours is I,P,L; napari-nifti's is S,A,R.
+    assert np.array_equal(masks["scan"][::-1, ::-1, ::-1].transpose(2, 1, 0),
+                          masks["nifti"].transpose(2, 1, 0))
+    assert np.array_equal(masks["plain"], masks["scan"])
+
+
+def _layer(layer_tuple):
+    from napari.layers import Layer
+
+    return Layer.create(*layer_tuple)
+
+
+def test_cancel_leaves_no_layer_and_keeps_the_last_result(
+        make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(_scan_file(tmp_path)), plugin="napari-meshchop")
+    widget = _open_widget(viewer, tiny_model)
+    shown = _errors(monkeypatch)
+
+    widget.run()
+    widget.cancel()  # before the worker's first stop check: deterministic
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert [layer.name for layer in viewer.layers] == ["scan"]
+    assert widget._status.value.startswith("Cancelled") and shown == []
+    assert widget._run.enabled and not widget._cancel.enabled
+
+    _run(qtbot, widget)
+    before = viewer.layers["scan lesion"].data.copy()
+    widget.run()
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert len(viewer.layers) == 2 and np.array_equal(viewer.layers["scan lesion"].data, before)
+
+
+def test_errors_are_notifications_with_the_core_message(
+        make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
+    viewer = make_napari_viewer()
+    widget = _open_widget(viewer, tiny_model)
+    shown = _errors(monkeypatch)
+
+    widget.run()  # nothing open yet
+    assert widget.worker is None and shown == ["open a 3D image layer first"]
+
+    viewer.add_image(np.zeros((8, 8, 8), np.float32), name="blank")
+    _run(qtbot, widget)
+    assert shown[-1] == "layer 'blank': is blank: every voxel is 0"
+
+    viewer.add_image(np.random.default_rng(0).random((8, 8, 8)), name="noise")
+    widget._image.value = viewer.layers["noise"]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    widget._checkpoint.value = broken
+    _run(qtbot, widget)
+    assert str(broken) in shown[-1] and "checkpoint" in shown[-1]
+
+    widget._checkpoint.value = tmp_path / "missing.pt"
+    widget.run()
+    assert widget.worker is None and shown[-1] == "choose a checkpoint file (.pt) first"
+    assert [layer.name for layer in viewer.layers] == ["blank", "noise"]
+    assert widget._run.enabled
+
+
+def test_settings_persist_between_sessions(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(_scan_file(tmp_path)), plugin="napari-meshchop")
+    _run(qtbot, _open_widget(viewer, tiny_model))
+    again = SegmentWidget(viewer)
+    assert again._model.value == CHECKPOINT and Path(again._checkpoint.value) == tiny_model
+    assert again._device.value == "cpu"
+
+
+def test_image_choices_follow_the_layer_list(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)  # undocked, as a script would use it
+    assert widget._image.value is None and "Open a 3D image" in widget._geometry.value
+    viewer.add_image(np.zeros((5, 5)), name="flat")
+    viewer.add_image(np.zeros((5, 5, 5, 3)), name="rgb", rgb=True)
+    assert widget._image.choices == ()
+    vol = viewer.add_image(np.zeros((5, 6, 7)), name="vol", scale=(2, 1, 1))
+    assert widget._image.value is vol and "2 x 1 x 1 mm" in widget._geometry.value
+    viewer.layers.remove(vol)
+    assert widget._image.value is None
+
+
+@pytest.mark.slow
+def test_real_scan_real_model_left_hemisphere_lesion(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open_sample("napari-meshchop", "sub-M2265_T2w")
+    widget = _open_widget(viewer)  # the default: pretrained MeshNet-26
+    _run(qtbot, widget, timeout_s=900)
+    labels = viewer.layers["sub-M2265_T2w lesion"]
+    _assert_overlays(labels, image)
+    voxels = int(labels.data.sum())
+    assert voxels == pytest.approx(85034, rel=0.002)  # what `meshchop segment` finds
+    assert labels.metadata["lesion_ml"] == pytest.approx(85.0, abs=1.0)
+    assert f"{labels.metadata['lesion_ml']:.1f} mL ({voxels} voxels)" in widget._result.value
+    # Left hemisphere: the lesion's centroid lies well left of the brain's (RAS x smaller).
+    ras = layers.WORLD_TO_RAS @ layers.data_to_world(
+        image.scale, image.translate, image.rotate, image.shear, image.affine.affine_matrix)
+    lesion_x = (ras @ [*np.argwhere(labels.data).mean(0), 1])[0]
+    brain_x = (ras @ [*np.argwhere(np.asarray(image.data) > 20).mean(0), 1])[0]
+    assert lesion_x < brain_x - 15
+    # In the file's RAS voxel grid, as the CLI test reports it: x near 97 of 256.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(labels.data, ras))
+    assert np.argwhere(np.asarray(canonical.dataobj)).mean(0)[0] == pytest.approx(97, abs=3)
+
+
+def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    """With napari-nifti installed, both readers open the file and the masks agree."""
+    pytest.importorskip("napari_nifti")
+    viewer = make_napari_viewer()
+    path = _scan_file(tmp_path)
+    (ours,) = viewer.open(str(path), plugin="napari-meshchop")
+    (theirs,) = viewer.open(str(path), plugin="napari-nifti", name="theirs")
+    widget = _open_widget(viewer, tiny_model)
+    for layer in (ours, theirs):
+        widget._image.value = layer
+        assert "assumed" not in widget._geometry.value
+        _run(qtbot, widget)
+        _assert_overlays(viewer.layers[f"{layer.name} lesion"], layer)
+    seen, masks = {}, {}
+    for name, layer in (("ours", ours), ("theirs", theirs)):
+        geometry = layers.resolve(layer.data.shape, layers.data_to_world(
+            layer.scale, layer.translate, layer.rotate, layer.shear, layer.affine.affine_matrix),
+            layer.metadata, [str(u) for u in layer.units])
+        seen[name] = nib.as_closest_canonical(layers.to_nifti(layer.data, geometry))
+        masks[name] = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(
+            viewer.layers[f"{layer.name} lesion"].data, geometry.affine)).dataobj)
+    # The network gets the same voxels on the same grid (medvol rounds the file's float32
+    # affine to ~1e-7 mm, which can tip an untrained model's ~0.5 outputs at a few voxels).
+    assert np.allclose(seen["ours"].affine, seen["theirs"].affine, atol=1e-5)
+    assert np.array_equal(seen["ours"].get_fdata(), seen["theirs"].get_fdata())
+    assert np.mean(masks["ours"] != masks["theirs"]) < 0.01, np.mean(masks["ours"] != masks["theirs"])
