@@ -77,3 +77,29 @@ def test_docs_commands_run_as_written(block, real_data):
     if "meshchop segment" in block:
         out = re.search(r"-o (\S+)", block).group(1)
         assert_left_hemisphere_stroke(Path(out))
+
+
+def _console_commands():
+    found = set()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```console\n(.*?)```", page.read_text(), flags=re.S):
+            found.update(line.strip() for line in block.splitlines() if line.strip())
+    return sorted(found)
+
+
+@pytest.mark.parametrize("command", _console_commands())
+def test_gui_commands_start_napari_with_our_widget(command, tmp_path):
+    """GUI commands block until the window is closed: start one, let it settle, close it."""
+    assert command.startswith("napari ")
+    env = _clean_env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env["NAPARI_CONFIG"] = str(tmp_path / "napari.yaml")  # leave the user's settings alone
+    log = tmp_path / "napari.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", f"{command} & pid=$!; sleep 40; "
+                                 "kill -0 $pid && echo ALIVE; kill $pid"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert "ALIVE" in text, text[-3000:]
+    assert "Traceback" not in text and "Error" not in text, text[-3000:]
