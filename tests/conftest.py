@@ -51,6 +51,21 @@ def oblique_affine(zooms=(1.2, 0.9, 2.5), degrees=15.0, origin=(-20.0, 10.0, 5.0
     return aff
 
 
+def oriented_affine(codes: str, zooms=(1.0, 1.0, 1.0), degrees: float = 0.0,
+                    origin=(0.0, 0.0, 0.0), about: str = "z") -> np.ndarray:
+    """A voxel -> RAS affine whose axes point along ``codes``, rotated about x or z."""
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    rot = (np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) if about == "z"
+           else np.array([[1, 0, 0], [0, c, -s], [0, s, c]]))
+    perm = inv_ornt_aff(ornt_transform(axcodes2ornt(codes), axcodes2ornt("RAS")), (1, 1, 1))
+    out = np.eye(4)
+    out[:3, :3] = rot @ perm[:3, :3] @ np.diag(zooms)
+    out[:3, 3] = origin
+    return out
+
+
 @pytest.fixture
 def phantom_img() -> nib.Nifti1Image:
     return nib.Nifti1Image(phantom(), oblique_affine())

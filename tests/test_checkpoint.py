@@ -8,7 +8,7 @@ from napari_meshchop import checkpoint
 from napari_meshchop.errors import InputError
 from napari_meshchop.events import run
 from napari_meshchop.inference import FusedMeshNet
-from napari_meshchop.model import Architecture, MeshNet
+from napari_meshchop.model import Architecture
 from napari_meshchop.preprocess import PreprocessSpec, prepare
 
 

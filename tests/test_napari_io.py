@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+from conftest import oriented_affine
 
 from napari_meshchop import layers
 from napari_meshchop._reader import napari_get_reader, read_layer
@@ -25,14 +25,8 @@ def _mirror(monkeypatch):
     monkeypatch.setenv("MESHCHOP_MIRROR", str(SHARED_DATA))
 
 
-def _affine(codes: str, zooms=(1.0, 1.0, 1.0), degrees=0.0, origin=(0.0, 0.0, 0.0)):
-    t = np.deg2rad(degrees)
-    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-    perm = inv_ornt_aff(ornt_transform(axcodes2ornt(codes), axcodes2ornt("RAS")), (1, 1, 1))
-    out = np.eye(4)
-    out[:3, :3] = rot @ perm[:3, :3] @ np.diag(zooms)
-    out[:3, 3] = origin
-    return out
+def _affine(codes, zooms=(1.0, 1.0, 1.0), degrees=0.0, origin=(0.0, 0.0, 0.0)):
+    return oriented_affine(codes, zooms, degrees, origin, about="x")
 
 
 GRIDS = {

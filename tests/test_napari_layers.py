@@ -5,21 +5,15 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import oriented_affine
 from nibabel.orientations import aff2axcodes, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from napari_meshchop import layers
 from napari_meshchop.errors import InputError
 
 
-def _affine(codes: str, zooms=(1.0, 1.0, 1.0), degrees: float = 0.0, origin=(0, 0, 0)):
-    """A voxel -> RAS affine whose axes point along ``codes``, optionally rotated about z."""
-    t = np.deg2rad(degrees)
-    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
-    perm = inv_ornt_aff(ornt_transform(axcodes2ornt(codes), axcodes2ornt("RAS")), (1, 1, 1))
-    out = np.eye(4)
-    out[:3, :3] = rot @ perm[:3, :3] @ np.diag(zooms)
-    out[:3, 3] = origin
-    return out
+def _affine(codes, zooms=(1.0, 1.0, 1.0), degrees=0.0, origin=(0.0, 0.0, 0.0)):
+    return oriented_affine(codes, zooms, degrees, origin, about="z")
 
 
 GRIDS = {

@@ -49,8 +49,8 @@ def test_dash_w_opens_the_widgets(make_napari_viewer):
 
     from napari_meshchop._segment_widget import SegmentWidget
 
+    viewer = make_napari_viewer()  # napari discovers the plugins here
     assert _npe2.get_widget_contribution("napari-meshchop")  # -w stops early without one
-    viewer = make_napari_viewer()
     names = [w.display_name for w in PluginManifest.from_file(MANIFEST).contributions.widgets]
     opened = {name: viewer.window.add_plugin_dock_widget("napari-meshchop", name, tabify=True)[1]
               for name in names}  # __all__

@@ -9,12 +9,12 @@ on load, with the preprocessing they were trained with.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import files
 from .errors import InputError
 from .model import Architecture, MeshNet, PAPER_DILATIONS
 from .preprocess import PreprocessSpec
@@ -51,19 +51,9 @@ class Checkpoint:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a crash mid-write never leaves a half checkpoint at ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.to_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with files.atomic_file(path) as fh:
+            torch.save(self.to_dict(), fh)
+        return Path(path)
 
 
 def from_model(model: MeshNet, preprocess: PreprocessSpec, **provenance) -> Checkpoint:

@@ -64,6 +64,32 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from . import arc
+
+    job = arc.download(args.data_dir, repo=args.repo, revision=args.revision,
+                       folds=not args.no_folds)
+    try:
+        result = drive(job, args.quiet)
+    except KeyboardInterrupt:
+        print("meshchop: interrupted; every file on disk is complete, run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    print("\n".join(result.summary()))
+    return 0 if result.manifest.complete else 1
+
+
+def cmd_folds(args) -> int:
+    from pathlib import Path
+
+    from . import folds
+
+    made = folds.make(args.data_dir, args.outer_folds, args.inner_folds, args.seed)
+    print("\n".join(made.summary()))
+    print(f"folds written to {Path(args.data_dir) / folds.NAME}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshchop", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--version", action="version", version=f"napari-meshchop {__version__}")
@@ -91,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source")
     c.add_argument("output")
     c.set_defaults(func=cmd_convert)
+
+    from . import arc, folds  # light: neither imports `datasets` or scikit-learn here
+
+    d = sub.add_parser("download", help="fetch the paper's ARC cohort (T2w + lesion masks, "
+                       "about 25 GB) from the Hugging Face hub; resumes; writes folds")
+    d.add_argument("--repo", default=arc.REPO,
+                   help=f"hub dataset id, or a local copy laid out like it (default {arc.REPO})")
+    d.add_argument("--revision", default=None, help="hub branch, tag or commit (default main)")
+    d.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
+                   help=f"where to write the pairs and manifest.json (default "
+                   f"{arc.DEFAULT_DATA_DIR})")
+    d.add_argument("--no-folds", action="store_true", help="do not write folds.json")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_download)
+
+    k = sub.add_parser("folds", help="(re)make the nested cross-validation folds of a "
+                       "downloaded cohort")
+    k.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
+                   help=f"the folder with manifest.json (default {arc.DEFAULT_DATA_DIR})")
+    k.add_argument("--seed", type=int, default=folds.SEED, help=f"default {folds.SEED}")
+    k.add_argument("--outer-folds", type=int, default=folds.OUTER_FOLDS,
+                   help=f"default {folds.OUTER_FOLDS}")
+    k.add_argument("--inner-folds", type=int, default=folds.INNER_FOLDS,
+                   help=f"default {folds.INNER_FOLDS}")
+    k.set_defaults(func=cmd_folds)
     return p
 
 

@@ -28,6 +28,13 @@ class Progress:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class DownloadProgress(Progress):
+    """A download's step: ``done`` of ``total`` items, and ``nbytes`` received so far."""
+
+    nbytes: int = 0
+
+
 StopFlag = Callable[[], bool] | threading.Event | None
 
 

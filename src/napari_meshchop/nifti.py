@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from . import files
 from .errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -92,17 +93,11 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> 
 
 
 def save_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write ``img`` to ``path`` (.nii or .nii.gz) so that it appears only when complete."""
     path = Path(path)
     if not is_nifti_path(path):
         raise InputError(path, "output must end in .nii or .nii.gz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    data = img.to_bytes()
+    if str(path).lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    return files.write_bytes(path, data)
