@@ -66,10 +66,13 @@ def _run(qtbot, widget, timeout_s=60):
 
 
 def _errors(monkeypatch):
+    """Collect the error notifications: the widget's own and those of failed workers."""
+    import napari_meshchop._feedback as feedback
     import napari_meshchop._segment_widget as module
 
     shown: list[str] = []
     monkeypatch.setattr(module, "show_error", shown.append)
+    monkeypatch.setattr(feedback, "show_error", shown.append)
     return shown
 
 

@@ -8,7 +8,6 @@ on disk stays complete, and Start resumes.
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,14 @@ from qtpy.QtCore import QSettings
 from qtpy.QtGui import QFontDatabase
 
 from . import arc, folds
-from .errors import Cancelled, MeshchopError
+from ._feedback import report_error
+from .errors import Cancelled
 from .events import DownloadProgress, Progress
 from .manifest import REASONS, Manifest
 
 if TYPE_CHECKING:
     import napari
 
-log = logging.getLogger(__name__)
 STAGES = {"scan": "Scanning sessions", "verify": "Checking files already on disk",
           "download": "Downloading pairs"}
 
@@ -139,13 +138,8 @@ class DownloadWidget(Container):
             self._status.value = ("Stopped. Every file on disk is complete; Start again to "
                                   "resume.")
             show_info("ARC download stopped")
-        elif isinstance(exc, MeshchopError):
-            self._status.value = f"Error: {exc}"
-            show_error(str(exc))
         else:
-            log.error("ARC download failed", exc_info=exc)
-            self._status.value = f"Failed: {type(exc).__name__}: {exc}"
-            show_error(f"ARC download failed ({type(exc).__name__}: {exc})")
+            report_error(self._status, "ARC download", exc)
 
     def _on_finished(self) -> None:
         self.worker = None

@@ -8,8 +8,8 @@ the result is complete, so Cancel and errors leave no half-made layer behind.
 
 from __future__ import annotations
 
-import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from qtpy.QtCore import QSettings
 from qtpy.QtWidgets import QSizePolicy
 
 from . import layers, registry
+from ._feedback import report_error
 from .errors import Cancelled, MeshchopError
 from .events import Progress, check_stop
 from .inference import SegmentResult, available_devices, segment
@@ -31,8 +32,8 @@ from .inference import SegmentResult, available_devices, segment
 if TYPE_CHECKING:
     import napari
 
-log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint file..."
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # Segment widgets alive now
 
 
 @dataclass
@@ -100,6 +101,13 @@ class SegmentWidget(Container):
         self._restore_settings()
         self._on_model()
         self._describe()
+        _OPEN.add(self)
+
+    def use_checkpoint(self, path: str | Path) -> None:
+        """Choose a checkpoint file as the model (e.g. one the Train widget just wrote)."""
+        self._model.value = CHECKPOINT
+        self._checkpoint.value = Path(path)
+        self._on_model()
 
     # ----------------------------------------------------------------- inputs
 
@@ -195,13 +203,8 @@ class SegmentWidget(Container):
         if isinstance(exc, Cancelled):
             self._status.value = "Cancelled; nothing was added."
             show_info("Segmentation cancelled")
-        elif isinstance(exc, MeshchopError):
-            self._status.value = f"Error: {exc}"
-            show_error(str(exc))
-        else:  # a bug, not bad input: keep the traceback for the log
-            log.error("segmentation failed", exc_info=exc)
-            self._status.value = f"Failed: {type(exc).__name__}: {exc}"
-            show_error(f"Segmentation failed ({type(exc).__name__}: {exc})")
+        else:
+            report_error(self._status, "Segmentation", exc)
 
     def _on_finished(self) -> None:
         self.worker = None
@@ -233,6 +236,21 @@ class SegmentWidget(Container):
         settings.setValue("device", self._device.value)
         if self._model.value == CHECKPOINT:
             settings.setValue("checkpoint", str(self._checkpoint.value))
+
+
+def offer_checkpoint(viewer, path: str | Path) -> None:
+    """Make ``path`` the Segment widget's model: now if one is open in ``viewer``, and
+    the next time one opens (through the saved settings)."""
+    settings = QSettings("napari-meshchop", "segment")
+    settings.setValue("model", CHECKPOINT)
+    settings.setValue("checkpoint", str(path))
+
+    def unwrapped(v):  # napari hands plugins a proxy of the viewer
+        return getattr(v, "__wrapped__", v)
+
+    for widget in list(_OPEN):
+        if unwrapped(widget._viewer) is unwrapped(viewer):
+            widget.use_checkpoint(path)
 
 
 def _lesion_colors() -> DirectLabelColormap:

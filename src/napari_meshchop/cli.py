@@ -90,6 +90,73 @@ def cmd_folds(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from . import train
+    from .preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(args.preprocess, shape=(args.shape,) * 3) if args.shape else \
+        PreprocessSpec(args.preprocess)
+    config = train.TrainConfig(
+        channels=args.channels, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        eps=args.eps, pct_start=args.pct_start, div_factor=args.div_factor,
+        label_smoothing=args.label_smoothing, class_weights=tuple(args.class_weights),
+        batch_size=args.batch_size, seed=args.seed, device=args.device, amp=args.amp,
+        activation_checkpointing=args.activation_checkpointing, memory_gb=args.memory_gb,
+        crop=args.crop, lesion_crop_share=args.lesion_crop_share, workers=args.workers,
+        preprocess=spec.to_dict(), data_dir=args.data_dir, outer_fold=args.outer_fold,
+        inner_fold=None if args.full_outer else args.inner_fold, full_outer=args.full_outer)
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):  # first Ctrl-C: stop cleanly after this step
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        tqdm.write("meshchop: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
+    job = train.train(config, args.out, resume=args.resume, stop=stop)
+    bar = None if args.quiet else tqdm(total=1, unit="step", file=sys.stderr, leave=False,
+                                       dynamic_ncols=True)
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            if isinstance(event, train.Step) and bar is not None:
+                bar.total, bar.n = event.total, event.done
+                bar.set_description_str(event.message)
+                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+                bar.refresh()
+            elif isinstance(event, train.EpochEnd):
+                val = "" if event.val_dice is None else f", validation Dice {event.val_dice:.3f}"
+                tqdm.write(f"epoch {event.epoch + 1}/{event.epochs}: loss "
+                           f"{event.train_loss:.4f}{val} ({event.seconds:.1f} s)", file=sys.stderr)
+            elif isinstance(event, train.Notice):
+                tqdm.write(f"meshchop: {event.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"meshchop: interrupted; resume with --resume --out {args.out}", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    if result.stopped:
+        print(f"meshchop: stopped; continue with the same command and --resume --out {args.out}",
+              file=sys.stderr)
+    best = "" if result.best_dice is None else f"; best validation Dice {result.best_dice:.3f}"
+    print(f"{'stopped' if result.stopped else 'trained'} {result.epochs_done} epochs "
+          f"({result.step} steps){best}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshchop", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--version", action="version", version=f"napari-meshchop {__version__}")
@@ -142,6 +209,49 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--inner-folds", type=int, default=folds.INNER_FOLDS,
                    help=f"default {folds.INNER_FOLDS}")
     k.set_defaults(func=cmd_folds)
+
+    t = sub.add_parser("train", help="train MeshNet on a fold of a downloaded cohort "
+                       "(the paper's recipe); resumable")
+    t.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
+                   help=f"the folder with manifest.json and folds.json (default "
+                   f"{arc.DEFAULT_DATA_DIR})")
+    t.add_argument("--outer-fold", type=int, required=True, help="K: train on its training set")
+    which = t.add_mutually_exclusive_group()
+    which.add_argument("--inner-fold", type=int, default=0,
+                       help="J: train on inner fold J, validate on its val part (default 0)")
+    which.add_argument("--full-outer", action="store_true",
+                       help="train on the whole outer training set, without validation")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, config.json, "
+                   "metrics.jsonl")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped")
+    t.add_argument("--channels", type=int, default=26, help="MeshNet width (5, 16, 26 or any)")
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW and OneCycle max learning rate")
+    t.add_argument("--weight-decay", type=float, default=3e-5)
+    t.add_argument("--eps", type=float, default=1e-4, help="AdamW epsilon")
+    t.add_argument("--pct-start", type=float, default=0.01)
+    t.add_argument("--div-factor", type=float, default=100.0)
+    t.add_argument("--label-smoothing", type=float, default=0.01)
+    t.add_argument("--class-weights", type=float, nargs=2, default=[0.5, 1.0],
+                   metavar=("BACKGROUND", "LESION"))
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    t.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                   help="fp16 autocast (auto: on CUDA only)")
+    t.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute activations to save memory (auto: when needed)")
+    t.add_argument("--memory-gb", type=float, default=None,
+                   help="memory to plan for (default: what the device has free)")
+    t.add_argument("--crop", type=int, default=None, help="train on random crops of N^3")
+    t.add_argument("--lesion-crop-share", type=float, default=0.5)
+    t.add_argument("--workers", type=int, default=0, help="data loader workers")
+    t.add_argument("--preprocess", default="conform", choices=["conform", "ras-minmax"])
+    t.add_argument("--shape", type=int, default=None,
+                   help="network grid N^3 for ras-minmax (default 256)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
     return p
 
 

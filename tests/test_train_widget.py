@@ -1,0 +1,66 @@
+"""The Train widget, opened through the manifest: a tiny run that plots, stops and resumes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import arc_replica
+import pytest
+from qtpy.QtCore import QSettings
+
+from napari_meshchop import arc, events, folds
+from napari_meshchop import checkpoint as ckpt_io
+from napari_meshchop._segment_widget import CHECKPOINT
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path):
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    replica = arc_replica.build(tmp_path_factory.mktemp("replica"))
+    folder = tmp_path_factory.mktemp("arc")
+    events.run(arc.download(folder, source=replica, folds=False))
+    folds.make(folder, outer=2, inner=2)
+    return folder
+
+
+def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, data, tmp_path):
+    viewer = make_napari_viewer()
+    _, segment = viewer.window.add_plugin_dock_widget("napari-meshchop", "Segment stroke lesion")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
+    widget._data.value = data
+    widget._out.value = tmp_path / "run"
+    widget._channels.value = 2
+    widget._epochs.value = 2
+    widget._device.value = "cpu"
+    widget._advanced.value = True
+    widget._preprocess.value = "ras-minmax"
+    widget._shape.value = 24
+
+    widget.toggle()  # Start ...
+    assert widget._start.text == "Stop"
+    widget.toggle()  # ... and Stop at once: it ends within the first step
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.result.stopped and widget.result.step == 1
+    assert widget._start.text == "Start" and "Stopped" in widget._status.value
+    assert widget.plot.losses and len(widget.plot.losses) == 1
+    assert ckpt_io.load(tmp_path / "run" / "last.pt").training["step"] == 1
+
+    widget._resume.value = True
+    widget.toggle()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    result = widget.result
+    train_ids = folds.load(data).outer[0].inner[0].train
+    assert not result.stopped and result.step == 2 * len(train_ids)
+    assert len(widget.plot.dices) == 2 and widget._epoch_bar.value == 2
+    assert widget.plot.loss_line.get_xdata()[-1] == result.step
+    assert result.best is not None
+    # The checkpoint is offered to the Segment widget.
+    assert segment._model.value == CHECKPOINT
+    assert segment._checkpoint.value == result.checkpoint
