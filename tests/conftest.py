@@ -14,8 +14,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE_SCAN = SHARED_DATA / "sub-M2265_T2w.nii.gz"
 ARC_CHECKPOINT = SHARED_DATA / "arc-meshchop_meshnet26_fold0_restart0.pt"
 
-# No test may touch the network: registry files come from the local copy.
+# No test may touch the network: registry files come from the local copy, and the
+# Hugging Face libraries stay offline (the ARC tests use a local replica).
 os.environ.setdefault("MESHCHOP_MIRROR", str(SHARED_DATA))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +28,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_data" in item.fixturenames:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def isolated_settings(tmp_path):
+    """Widgets' QSettings (last model, device, folders) in tmp_path, not the user's."""
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
 
 
 @pytest.fixture(scope="session")

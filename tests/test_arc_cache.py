@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import threading
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import arc_replica
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
 
-import dataclasses  # noqa: E402
-import threading  # noqa: E402
-
-import arc_replica  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from napari_meshchop import arc, cache, events, folds, manifest  # noqa: E402
-from napari_meshchop.errors import Cancelled, MeshchopError  # noqa: E402
-from napari_meshchop.preprocess import PreprocessSpec, prepare, prepare_mask  # noqa: E402
+from napari_meshchop import arc, cache, events, folds, manifest
+from napari_meshchop.errors import Cancelled, MeshchopError
+from napari_meshchop.preprocess import PreprocessSpec, prepare, prepare_mask
 
 SMALL = PreprocessSpec("ras-minmax", shape=(32, 32, 32))
 

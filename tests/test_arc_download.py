@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import gzip
+import hashlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import arc_replica
+import numpy as np
+import pytest
 
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import arc_replica  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from napari_meshchop import arc, cli, events, files, manifest  # noqa: E402
-from napari_meshchop.errors import Cancelled, InputError, MeshchopError  # noqa: E402
+from napari_meshchop import arc, cli, events, files, manifest
+from napari_meshchop.errors import Cancelled, InputError, MeshchopError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import arc_replica
+import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import arc_replica  # noqa: E402
-import pytest  # noqa: E402
-from qtpy.QtCore import QSettings  # noqa: E402
-
-from napari_meshchop import files, manifest  # noqa: E402
-from napari_meshchop._download_widget import DownloadWidget  # noqa: E402
+from napari_meshchop import files, manifest
+from napari_meshchop._download_widget import DownloadWidget
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path):
-    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
+def _isolated(isolated_settings):
+    """QSettings in tmp_path (conftest)."""
 
 
 @pytest.fixture(scope="module")

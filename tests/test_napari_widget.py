@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from qtpy.QtCore import QSettings
 
 from napari_meshchop import checkpoint, layers
 from napari_meshchop._reader import read_layer
@@ -25,10 +24,9 @@ TRANSFORM = ("scale", "translate", "rotate", "shear")
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
+def _isolated(monkeypatch, isolated_settings):
     """Registry files from the local mirror; the widget's QSettings in tmp_path."""
     monkeypatch.setenv("MESHCHOP_MIRROR", str(SHARED_DATA))
-    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
 
 
 @pytest.fixture(scope="module")

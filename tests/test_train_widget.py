@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import arc_replica
 import pytest
-from qtpy.QtCore import QSettings
 
 from napari_meshchop import arc, events, folds
 from napari_meshchop import checkpoint as ckpt_io
@@ -17,8 +11,8 @@ from napari_meshchop._segment_widget import CHECKPOINT
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path):
-    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
+def _isolated(isolated_settings):
+    """QSettings in tmp_path (conftest)."""
 
 
 @pytest.fixture(scope="module")
