@@ -94,6 +94,55 @@ class FusedMeshNet:
         return out
 
 
+class Ensemble:
+    """Several fused MeshNets on one grid: P(lesion) is the mean of their softmax outputs."""
+
+    def __init__(self, members: list[FusedMeshNet]):
+        if not members:
+            raise MeshchopError("an ensemble needs at least one model")
+        self.members = members
+
+    @property
+    def n_steps(self) -> int:
+        return sum(m.n_steps for m in self.members)
+
+    def lesion_probability(self, volume: np.ndarray, stop: StopFlag = None
+                           ) -> Generator[Progress, None, np.ndarray]:
+        total, offset, mean = self.n_steps, 0, None
+        for member in self.members:
+            prob = yield from _rebase(member.lesion_probability(volume, stop), offset, total)
+            offset += member.n_steps
+            mean = prob if mean is None else np.add(mean, prob, out=mean)
+            del prob
+        if len(self.members) > 1:
+            mean /= np.float32(len(self.members))
+        return mean
+
+
+def load_predictor(models, device: torch.device | str = "cpu"
+                   ) -> tuple[FusedMeshNet | Ensemble, ckpt_io.Checkpoint, str]:
+    """One model, or several as an :class:`Ensemble`: the predictor, the first checkpoint
+    (its preprocessing is everyone's) and a label for reports.
+
+    ``models`` is a checkpoint file, a registry name, a Checkpoint, or a list of them.
+    """
+    if isinstance(models, (str, os.PathLike, ckpt_io.Checkpoint)):
+        models = [models]
+    loaded = [load_model(m) for m in models]
+    if not loaded:
+        raise MeshchopError("no model given")
+    first = loaded[0][0]
+    for ckpt, label in loaded[1:]:
+        if ckpt.preprocess != first.preprocess:
+            raise MeshchopError(f"{label}: its preprocessing ({ckpt.preprocess.name}, "
+                                f"{ckpt.preprocess.shape}) differs from {loaded[0][1]}'s; "
+                                "an ensemble needs one network grid")
+    fused = [FusedMeshNet(ckpt.build(), device) for ckpt, _ in loaded]
+    if len(fused) == 1:
+        return fused[0], first, loaded[0][1]
+    return Ensemble(fused), first, f"ensemble of {len(fused)} ({', '.join(l for _, l in loaded)})"
+
+
 def _conv_relu_in_slabs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         d: int, slab: int) -> torch.Tensor:
     """relu(conv3d(x, dilation d, 'same' padding)), computed ``slab`` output slices at a time.
@@ -122,10 +171,6 @@ class SegmentResult:
     lesion_voxels: int
     model: str
     device: str
-
-    @property
-    def voxel_ml(self) -> float:
-        return voxel_volume_ml(self.affine)
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:

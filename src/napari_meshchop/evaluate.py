@@ -1,0 +1,205 @@
+"""The one evaluation core: subject by subject, never more than one in memory.
+
+:func:`evaluate_dataset` predicts each subject of a dataset, counts TP, FP, FN and TN on
+the network grid (conformed space), yields a :class:`SubjectResult` and lets the volumes
+go before it reads the next subject. Validation during training, ``meshchop evaluate``,
+the experiment runner and the Evaluate widget all call it. A subject that fails (a damaged
+file, say) gets its error in its record and the others go on; Stop raises
+:class:`~napari_meshchop.errors.Cancelled` between (and within) subjects.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled, MeshchopError
+from .events import Progress, StopFlag, check_stop
+from .metrics import METRICS, confusion, scores, summarize
+
+THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class SubjectResult:
+    """One subject's evaluation: its scores (:mod:`metrics`), or the error that stopped it."""
+
+    subject: str  # the pair id, e.g. sub-M2001_ses-1253
+    acquisition: str
+    index: int  # 0-based position in this evaluation
+    total: int
+    scores: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    prediction: Path | None = None  # the predicted mask (network grid), when saved
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_row(self) -> dict:
+        """A flat record for CSV and JSON."""
+        row = {"subject": self.subject, "acquisition": self.acquisition}
+        row.update({m: self.scores.get(m, float("nan")) for m in METRICS})
+        row.update({"error": self.error or "", "seconds": round(self.seconds, 3),
+                    "prediction": os.fspath(self.prediction) if self.prediction else ""})
+        return row
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What the core needs of a subject: its network-grid image and truth."""
+
+    id: str
+    acquisition: str
+    image: np.ndarray  # float32 in [0, 1] on the network grid
+    truth: np.ndarray  # {0, 1} on the same grid
+    affine: np.ndarray | None = None  # the grid's affine (for volumes and saved masks)
+
+
+def predict_mask(predictor, image: np.ndarray, stop: StopFlag = None
+                 ) -> Generator[Progress, None, np.ndarray]:
+    """The predictor's mask (P(lesion) > 0.5) on the network grid, as bool."""
+    prob = yield from predictor.lesion_probability(image, stop)
+    return prob > THRESHOLD
+
+
+def voxel_ml(affine: np.ndarray | None) -> float:
+    if affine is None:
+        return 0.001
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
+def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
+                      stop: StopFlag = None
+                      ) -> Generator[Progress | SubjectResult, None, list[SubjectResult]]:
+    """Evaluate an iterable of :class:`Subject` (or callables that load one, so that a
+    failing load becomes that subject's error); yield each record as it is done."""
+    results = []
+    out = Path(predictions_dir) if predictions_dir is not None else None
+    for index, item in enumerate(subjects):
+        check_stop(stop)
+        started = time.perf_counter()
+        name = getattr(item, "id", f"subject {index + 1}")
+        acquisition = getattr(item, "acquisition", "")
+        try:
+            subject = item() if callable(item) else item
+            name, acquisition = subject.id, subject.acquisition
+            yield Progress("evaluate", index, total, name)
+            mask = yield from _quietly(predict_mask(predictor, subject.image, stop))
+            counts = confusion(mask, subject.truth, voxel_ml(subject.affine))
+            saved = None
+            if out is not None and subject.affine is not None:
+                saved = save_prediction(out / f"{name}.nii.gz", mask, subject.affine)
+            record = SubjectResult(name, acquisition, index, total, scores(counts),
+                                   counts.to_dict(), prediction=saved,
+                                   seconds=time.perf_counter() - started)
+        except Cancelled:
+            raise
+        except (MeshchopError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+            record = SubjectResult(name, acquisition, index, total,
+                                   error=f"{type(exc).__name__}: {exc}",
+                                   seconds=time.perf_counter() - started)
+        subject = mask = None  # noqa: F841 - one subject in memory at a time
+        results.append(record)
+        yield record
+        yield Progress("evaluate", index + 1, total, name)
+    return results
+
+
+def _quietly(job):
+    """Run a sub-job, passing through nothing but its stop checks (its per-layer
+    progress would drown the per-subject progress)."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as finished:
+            return finished.value
+        if False:  # pragma: no cover - makes this a generator
+            yield
+
+
+def save_prediction(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
+    from .nifti import save_mask
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(save_mask(mask.astype(np.uint8), affine, path))
+
+
+def dataset_subjects(dataset) -> list:
+    """Subjects of an :class:`~napari_meshchop.cache.ArcDataset` (ids, acquisitions and
+    grid affines known) or of any dataset of ``(image, mask)`` tensor pairs, loaded lazily."""
+    pairs = getattr(dataset, "pairs", None)
+    cache = getattr(dataset, "cache", None)
+
+    def loader(i):
+        if pairs is not None and cache is not None:
+            pair = pairs[i]
+
+            def load():
+                c = cache.get(pair)
+                return Subject(pair.id, pair.acquisition, c.image_float(), c.mask, c.affine)
+            load.id, load.acquisition = pair.id, pair.acquisition
+            return load
+
+        def load():
+            image, mask = dataset[i]
+            return Subject(f"item {i}", "", np.asarray(image)[0], np.asarray(mask))
+        load.id, load.acquisition = f"item {i}", ""
+        return load
+
+    return [loader(i) for i in range(len(dataset))]
+
+
+def evaluate_dataset(predictor, dataset, predictions_dir=None, stop: StopFlag = None
+                     ) -> Generator[Progress | SubjectResult, None, list[SubjectResult]]:
+    """Evaluate every item of ``dataset`` with ``predictor`` (a FusedMeshNet or Ensemble)."""
+    subjects = dataset_subjects(dataset)
+    return (yield from evaluate_subjects(predictor, subjects, len(subjects), predictions_dir,
+                                         stop))
+
+
+def evaluate(models, data_dir: str | os.PathLike, ids: Sequence[str], device: str = "auto",
+             predictions_dir=None, stop: StopFlag = None
+             ) -> Generator[Progress | SubjectResult, None, list[SubjectResult]]:
+    """Evaluate a model (or an ensemble: a list of models) on pairs of a data folder."""
+    from .cache import ArcDataset
+    from .inference import load_predictor, resolve_device
+
+    yield Progress("model", 0, max(len(ids), 1), "loading model")
+    predictor, checkpoint, _ = load_predictor(models, resolve_device(device))
+    dataset = ArcDataset(data_dir, list(ids), checkpoint.preprocess)
+    return (yield from evaluate_dataset(predictor, dataset, predictions_dir, stop))
+
+
+def fold_ids(data_dir: str | os.PathLike, outer: int, part: str = "test",
+             inner: int | None = None) -> list[str]:
+    """The ids of one part of the saved folds: an outer fold's ``test`` or ``train``, or an
+    inner fold's ``train`` or ``val``."""
+    from . import folds as _folds
+
+    made = _folds.load(data_dir)
+    if not 0 <= outer < made.outer_folds:
+        raise MeshchopError(f"outer fold {outer} does not exist (0..{made.outer_folds - 1})")
+    fold = made.outer[outer]
+    if inner is not None:
+        if not 0 <= inner < made.inner_folds:
+            raise MeshchopError(f"inner fold {inner} does not exist "
+                                f"(0..{made.inner_folds - 1})")
+        fold = fold.inner[inner]
+    if not hasattr(fold, part):
+        raise MeshchopError(f"no part {part!r} in that fold (an outer fold has train and "
+                            "test, an inner fold train and val)")
+    return list(getattr(fold, part))
+
+
+def summary(results: Sequence[SubjectResult]) -> dict[str, dict[str, float]]:
+    """Per metric: mean +/- SD, median and quartiles over the subjects that succeeded."""
+    done = [r for r in results if r.ok]
+    return {m: summarize([r.scores[m] for r in done]) for m in METRICS}
