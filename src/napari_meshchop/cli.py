@@ -90,21 +90,81 @@ def cmd_folds(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+# TrainConfig fields set by `meshchop train` flags of the same name (dashes for underscores).
+RECIPE_FLAGS = ("channels", "epochs", "lr", "weight_decay", "eps", "pct_start", "div_factor",
+                "label_smoothing", "class_weights", "batch_size", "seed", "device", "amp",
+                "activation_checkpointing", "memory_gb", "crop", "lesion_crop_share", "workers")
+
+
+def train_config(args, **fixed):
+    """A TrainConfig from the recipe flags: the defaults, then ``--params FILE``, then the
+    flags given on the command line; ``fixed`` fields (data, fold) last."""
     from . import train
     from .preprocess import PreprocessSpec
 
-    spec = PreprocessSpec(args.preprocess, shape=(args.shape,) * 3) if args.shape else \
-        PreprocessSpec(args.preprocess)
-    config = train.TrainConfig(
-        channels=args.channels, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-        eps=args.eps, pct_start=args.pct_start, div_factor=args.div_factor,
-        label_smoothing=args.label_smoothing, class_weights=tuple(args.class_weights),
-        batch_size=args.batch_size, seed=args.seed, device=args.device, amp=args.amp,
-        activation_checkpointing=args.activation_checkpointing, memory_gb=args.memory_gb,
-        crop=args.crop, lesion_crop_share=args.lesion_crop_share, workers=args.workers,
-        preprocess=spec.to_dict(), data_dir=args.data_dir, outer_fold=args.outer_fold,
-        inner_fold=None if args.full_outer else args.inner_fold, full_outer=args.full_outer)
+    values = train.load_params(args.params) if getattr(args, "params", None) else {}
+    given = getattr(args, "given", set())
+    for name in RECIPE_FLAGS:
+        if name in given or name not in values:
+            values[name] = getattr(args, name)
+    if "preprocess" in given or "shape" in given or "preprocess" not in values:
+        shape = {"shape": (args.shape,) * 3} if args.shape else {}
+        values["preprocess"] = PreprocessSpec(args.preprocess, **shape).to_dict()
+    values.update(fixed)
+    return train.TrainConfig(**values)
+
+
+class _Given(argparse.Action):
+    """Stores like "store" and remembers that the flag was given (so it beats --params)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
+def add_recipe_flags(t: argparse.ArgumentParser) -> None:
+    """The training recipe's flags, shared by `train`, `experiment` and `hpo`."""
+    t.add_argument("--params", default=None, help="a JSON file of training parameters "
+                   "(what `meshchop hpo` writes); flags given here override it")
+    t.add_argument("--channels", type=int, default=26, action=_Given,
+                   help="MeshNet width (5, 16, 26 or any)")
+    t.add_argument("--epochs", type=int, default=50, action=_Given)
+    t.add_argument("--lr", type=float, default=1e-3, action=_Given,
+                   help="AdamW and OneCycle max learning rate")
+    t.add_argument("--weight-decay", type=float, default=3e-5, action=_Given)
+    t.add_argument("--eps", type=float, default=1e-4, action=_Given, help="AdamW epsilon")
+    t.add_argument("--pct-start", type=float, default=0.01, action=_Given)
+    t.add_argument("--div-factor", type=float, default=100.0, action=_Given)
+    t.add_argument("--label-smoothing", type=float, default=0.01, action=_Given)
+    t.add_argument("--class-weights", type=float, nargs=2, default=(0.5, 1.0), action=_Given,
+                   metavar=("BACKGROUND", "LESION"))
+    t.add_argument("--batch-size", type=int, default=1, action=_Given)
+    t.add_argument("--seed", type=int, default=42, action=_Given)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   action=_Given)
+    t.add_argument("--amp", default="auto", choices=["auto", "on", "off"], action=_Given,
+                   help="fp16 autocast (auto: on CUDA only)")
+    t.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   action=_Given, help="recompute activations to save memory (auto: when "
+                   "needed)")
+    t.add_argument("--memory-gb", type=float, default=None, action=_Given,
+                   help="memory to plan for (default: what the device has free)")
+    t.add_argument("--crop", type=int, default=None, action=_Given,
+                   help="train on random crops of N^3")
+    t.add_argument("--lesion-crop-share", type=float, default=0.5, action=_Given)
+    t.add_argument("--workers", type=int, default=0, action=_Given, help="data loader workers")
+    t.add_argument("--preprocess", default="conform", choices=["conform", "ras-minmax"],
+                   action=_Given)
+    t.add_argument("--shape", type=int, default=None, action=_Given,
+                   help="network grid N^3 for ras-minmax (default 256)")
+
+
+def cmd_train(args) -> int:
+    from . import train
+
+    config = train_config(args, data_dir=args.data_dir, outer_fold=args.outer_fold,
+                          inner_fold=None if args.full_outer else args.inner_fold,
+                          full_outer=args.full_outer)
     import signal
     import threading
 
@@ -225,31 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.jsonl")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where it stopped")
-    t.add_argument("--channels", type=int, default=26, help="MeshNet width (5, 16, 26 or any)")
-    t.add_argument("--epochs", type=int, default=50)
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW and OneCycle max learning rate")
-    t.add_argument("--weight-decay", type=float, default=3e-5)
-    t.add_argument("--eps", type=float, default=1e-4, help="AdamW epsilon")
-    t.add_argument("--pct-start", type=float, default=0.01)
-    t.add_argument("--div-factor", type=float, default=100.0)
-    t.add_argument("--label-smoothing", type=float, default=0.01)
-    t.add_argument("--class-weights", type=float, nargs=2, default=[0.5, 1.0],
-                   metavar=("BACKGROUND", "LESION"))
-    t.add_argument("--batch-size", type=int, default=1)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    t.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
-                   help="fp16 autocast (auto: on CUDA only)")
-    t.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
-                   help="recompute activations to save memory (auto: when needed)")
-    t.add_argument("--memory-gb", type=float, default=None,
-                   help="memory to plan for (default: what the device has free)")
-    t.add_argument("--crop", type=int, default=None, help="train on random crops of N^3")
-    t.add_argument("--lesion-crop-share", type=float, default=0.5)
-    t.add_argument("--workers", type=int, default=0, help="data loader workers")
-    t.add_argument("--preprocess", default="conform", choices=["conform", "ras-minmax"])
-    t.add_argument("--shape", type=int, default=None,
-                   help="network grid N^3 for ras-minmax (default 256)")
+    add_recipe_flags(t)
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
     return p

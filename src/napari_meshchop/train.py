@@ -104,6 +104,34 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def load_params(path: str | os.PathLike) -> dict:
+    """Hyperparameters from a JSON file, as :class:`TrainConfig` fields.
+
+    The file is either a flat object of fields (``{"channels": 16, "lr": 0.003}``) or one
+    with them under ``"params"`` (what ``meshchop hpo`` writes, beside its provenance).
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"not a JSON file of parameters ({exc})") from None
+    params = raw.get("params", raw) if isinstance(raw, dict) else None
+    if not isinstance(params, dict):
+        raise InputError(path, "expected a JSON object of training parameters")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InputError(path, f"unknown parameters {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    try:
+        TrainConfig(**params)
+    except (TypeError, ValueError, MeshchopError) as exc:
+        raise InputError(path, f"invalid parameters: {exc}") from None
+    return params
+
+
 # ---- events -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
