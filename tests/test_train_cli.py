@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
-import arc_replica
 import nibabel as nib
-import pytest
 
-from napari_meshchop import arc, cli, events, folds, manifest
+from napari_meshchop import cli, folds, manifest
 from napari_meshchop import checkpoint as ckpt_io
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    replica = arc_replica.build(tmp_path_factory.mktemp("replica"))
-    folder = tmp_path_factory.mktemp("arc")
-    events.run(arc.download(folder, source=replica, folds=False))
-    folds.make(folder, outer=2, inner=2)  # 4 subjects: 2 x 2 folds
-    return folder
 
 
 def args(data, out, *more):
@@ -90,6 +79,14 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(data, tmp_path):
     assert stdout.startswith("stopped") and "--resume" in stderr
     stopped_at = ckpt_io.load(out / "last.pt").training["step"]
     assert 1 <= stopped_at < 12 * len(folds.load(data).outer[0].inner[0].train)
-    assert cli.main(args(data, out, "--resume")) == 0
+    # The run folder knows its data, fold and recipe: --out and --resume are enough.
+    assert cli.main(["train", "--out", str(out), "--resume", "--device", "cpu", "-q"]) == 0
     last = ckpt_io.load(out / "last.pt").training
     assert last["epoch"] == 12 and last["position"] == 0
+
+
+def test_train_needs_an_outer_fold_unless_resuming(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "-q"]) == 2
+    assert "--outer-fold" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume", "-q"]) == 2
+    assert "no valid checkpoint to resume from" in capsys.readouterr().err

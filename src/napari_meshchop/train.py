@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import checkpoint as ckpt_io
-from . import files
+from . import files, lean
 from .errors import Cancelled, InputError, MeshchopError
 from .events import Progress, StopFlag, stop_requested
-from .metrics import dice
 from .model import PAPER_DILATIONS, Architecture, Block, MeshNet
 from .preprocess import PreprocessSpec
 
@@ -220,25 +219,39 @@ def _checkpointed(block: Block):
     return run
 
 
-def forward(model: MeshNet, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-    """The model's logits; with ``checkpointing`` each block's activations are recomputed
-    in the backward pass instead of kept (training mode only)."""
-    if not (checkpointing and model.training):
+MODES = ("plain", "lean", "checkpoint")
+_MODE_NOTES = {"lean": "one activation kept per block, ReLU outputs recomputed",
+               "checkpoint": "each block recomputed in the backward pass"}
+
+
+def forward(model: MeshNet, x: torch.Tensor, mode: str = "plain") -> torch.Tensor:
+    """The model's logits in training mode, keeping activations for backward by ``mode``:
+
+    * ``plain``: autograd as usual (two full-size activations per block);
+    * ``lean``: one per block, the ReLU output recomputed elementwise (:mod:`lean`);
+    * ``checkpoint``: one per block, each block recomputed whole (``torch.utils.checkpoint``;
+      slower, but works with dropout and fp16 autocast, which ``lean`` does not support).
+    """
+    if mode not in MODES:
+        raise MeshchopError(f"unknown memory mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "plain" or not model.training:
         return model(x)
+    if mode == "lean":
+        return lean.forward(model, x)
     for block in model.blocks:
         x = _checkpoint(_checkpointed(block), x, use_reentrant=False)
     return model.head(x)
 
 
-def activation_bytes(shape: Sequence[int], channels: int, n_blocks: int,
-                     checkpointing: bool, bytes_per_value: int = 4) -> int:
+def activation_bytes(shape: Sequence[int], channels: int, n_blocks: int, mode: str,
+                     bytes_per_value: int = 4) -> int:
     """A rough peak of activation memory for one training step of batch 1 on ``shape``.
 
-    Without checkpointing each block keeps about 3 volumes of ``channels`` (conv output,
-    BN output, ReLU output); with it, one volume per block plus one block recomputed.
+    Plain autograd keeps 2 full-size activations per block (convolution and ReLU outputs),
+    lean and checkpointed steps 1; the backward pass needs about 3 more at its peak.
     """
     volume = int(np.prod(shape)) * channels * bytes_per_value
-    return volume * (n_blocks + 6) if checkpointing else volume * (3 * n_blocks + 3)
+    return volume * ((2 if mode == "plain" else 1) * n_blocks + 3)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -250,17 +263,41 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def choose_checkpointing(config: TrainConfig, shape: Sequence[int], device: torch.device) -> bool:
-    if config.activation_checkpointing != "auto":
-        return config.activation_checkpointing == "on"
-    budget = config.memory_gb * 2**30 if config.memory_gb else available_bytes(device)
-    need = activation_bytes(shape, config.channels, len(config.dilations), False,
-                            2 if use_amp(config, device) else 4)
-    return need > 0.7 * budget
+def choose_mode(config: TrainConfig, shape: Sequence[int], device: torch.device,
+                dropout: float = 0.0) -> str:
+    """How to keep activations (see :func:`forward`): plain when the step fits in 70% of
+    the memory to plan for, otherwise (or when asked) lean, or checkpoint where lean cannot
+    run (fp16 autocast, dropout)."""
+    amp = use_amp(config, device)
+    wanted = config.activation_checkpointing
+    if wanted == "auto":
+        budget = config.memory_gb * 2**30 if config.memory_gb else available_bytes(device)
+        need = activation_bytes(shape, config.channels, len(config.dilations), "plain",
+                                2 if amp else 4)
+        wanted = "on" if need > 0.7 * budget else "off"
+    if wanted == "off":
+        return "plain"
+    return "checkpoint" if amp or dropout > 0 else "lean"
 
 
 def use_amp(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if config.amp == "auto" else config.amp == "on"
+
+
+def trainable_device(device: torch.device, arch: Architecture) -> tuple[torch.device, str | None]:
+    """``device``, or the CPU with the reason when a tiny training step fails on Apple MPS
+    (3D convolutions and their gradients have been missing or wrong there)."""
+    if device.type != "mps":
+        return device, None
+    try:
+        probe = MeshNet(Architecture(channels=2, dilations=arch.dilations[:2])).to(device)
+        x = torch.rand(1, 1, 8, 8, 8, device=device)
+        for mode in ("plain", "lean"):
+            forward(probe.train(), x, mode).sum().backward()
+        torch.mps.synchronize()
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        return torch.device("cpu"), f"MPS cannot train MeshNet here ({exc}); using the CPU"
+    return device, None
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -419,6 +456,10 @@ def fit(
     if amp and device.type != "cuda":
         raise MeshchopError("fp16 autocast needs a CUDA device; use --amp off")
 
+    device, problem = trainable_device(device, config.arch)
+    if problem:
+        yield Notice(problem)
+
     seed_everything(config.seed)
     model = MeshNet(config.arch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
@@ -451,9 +492,10 @@ def fit(
     sample_shape = tuple(dataset[0][0].shape[-3:]) if len(dataset) else (1, 1, 1)
     if config.crop:
         sample_shape = tuple(min(config.crop, s) for s in sample_shape)
-    lean = choose_checkpointing(config, sample_shape, device)
-    if lean:
-        yield Notice("activation checkpointing on: recomputing each block in the backward pass")
+    memory_mode = choose_mode(config, sample_shape, device, config.arch.dropout)
+    if memory_mode != "plain":
+        yield Notice(f"activation memory: {memory_mode} ({_MODE_NOTES[memory_mode]})")
+        lean.return_freed_memory()
     spec = config.spec
     best_path = out_dir / BEST if (out_dir / BEST).exists() else None
     metrics_log = open(out_dir / METRICS, "a")  # noqa: SIM115 - closed in the finally below
@@ -494,7 +536,7 @@ def fit(
                 target = mask.to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = forward(model, image, lean)
+                    logits = forward(model, image, memory_mode)
                     loss = criterion(logits.float(), target)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -551,24 +593,21 @@ def fit(
 
 
 def validate(fused, dataset, stop: StopFlag = None) -> Generator[Progress, None, float]:
-    """Mean lesion Dice over ``dataset`` through the fused inference path."""
-    scores = []
-    for i in range(len(dataset)):
-        image, mask = dataset[i]
-        prob = yield from _quiet(fused.lesion_probability(image[0].numpy(), stop))
-        scores.append(dice(prob > 0.5, mask.numpy()))
-        yield Progress("validate", i + 1, len(dataset))
-    return float(np.mean(scores))
+    """Mean lesion Dice over ``dataset``, through the one evaluation core."""
+    from .evaluate import SubjectResult, evaluate_dataset
 
-
-def _quiet(job):
+    job = evaluate_dataset(fused, dataset, stop=stop)
     while True:
         try:
-            next(job)
+            event = next(job)
         except StopIteration as finished:
-            return finished.value
-        if False:  # pragma: no cover - makes this a generator
-            yield
+            results = finished.value
+            break
+        if isinstance(event, SubjectResult):
+            if event.error:
+                raise MeshchopError(f"validation of {event.subject} failed: {event.error}")
+            yield Progress("validate", event.index + 1, event.total, event.subject)
+    return float(np.mean([r.scores["dice"] for r in results]))
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -593,37 +632,30 @@ def _trim_metrics(path: Path, step: int, epoch: int) -> None:
 
 # ---- one fold of a cohort -------------------------------------------------------------------
 
-def fold_ids(data_dir: str | os.PathLike, outer: int, inner: int | None = None,
-             full_outer: bool = False) -> tuple[list[str], list[str]]:
-    """Train and validation ids: an inner fold's, or the whole outer training set (no val)."""
-    from . import folds as _folds
-
-    made = _folds.load(data_dir)
-    if not 0 <= outer < made.outer_folds:
-        raise MeshchopError(f"outer fold {outer} does not exist (0..{made.outer_folds - 1})")
-    fold = made.outer[outer]
-    if full_outer or inner is None:
-        return list(fold.train), []
-    if not 0 <= inner < made.inner_folds:
-        raise MeshchopError(f"inner fold {inner} does not exist (0..{made.inner_folds - 1})")
-    return list(fold.inner[inner].train), list(fold.inner[inner].val)
-
-
 def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
           stop: StopFlag = None):
     """Train on the fold of ``config.data_dir`` that the config names."""
     from .cache import ArcDataset
 
-    if resume:  # the data and fold are those of the run being resumed
-        found, _ = find_resumable(out_dir)
-        if found is not None:
-            device = config.device
-            config = TrainConfig.from_dict(found.training["config"])
-            config.device = device
+    from .evaluate import fold_ids
+
+    if resume:  # the fold and recipe are those of the run being resumed
+        found, problems = find_resumable(out_dir)
+        if found is None:
+            raise MeshchopError(f"{out_dir}: no valid checkpoint to resume from"
+                                + (f" ({'; '.join(problems)})" if problems else ""))
+        here = config
+        config = TrainConfig.from_dict(found.training["config"])
+        config.device = here.device
+        # The data may have moved (another machine, a shared disk mounted elsewhere).
+        if here.data_dir and (Path(here.data_dir) / "folds.json").is_file():
+            config.data_dir = here.data_dir
     if config.outer_fold is None:
-        raise MeshchopError("choose an outer fold")
-    train_ids, val_ids = fold_ids(config.data_dir, config.outer_fold, config.inner_fold,
-                                  config.full_outer)
+        raise MeshchopError("choose an outer fold (--outer-fold)")
+    inner = None if config.full_outer else config.inner_fold
+    train_ids = fold_ids(config.data_dir, config.outer_fold, "train", inner)
+    val_ids = fold_ids(config.data_dir, config.outer_fold, "val", inner) if inner is not None \
+        else []
     spec = config.spec
     data = ArcDataset(config.data_dir, train_ids, spec)
     val = ArcDataset(config.data_dir, val_ids, spec) if val_ids else None
