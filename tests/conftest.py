@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -103,3 +104,25 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     ckpt = checkpoint.from_model(model.eval(), PreprocessSpec("ras-minmax", shape=(32, 32, 32)),
                                  note="test fixture")
     return ckpt.save(tmp_path_factory.mktemp("models") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def _replica_cohort(tmp_path_factory):
+    import arc_replica
+
+    from napari_meshchop import arc, events, folds
+
+    replica = arc_replica.build(tmp_path_factory.mktemp("replica"))
+    folder = tmp_path_factory.mktemp("cohort") / "arc"
+    events.run(arc.download(folder, source=replica, folds=False))
+    folds.make(folder, outer=2, inner=2)  # 4 subjects: 2 x 2 folds
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(_replica_cohort, tmp_path_factory):
+    """A downloaded replica of the ARC cohort (4 pairs, 2 x 2 folds), built once per
+    session and copied for each test module, which may damage its copy."""
+    copy = tmp_path_factory.mktemp("arc") / "arc"
+    shutil.copytree(_replica_cohort, copy)
+    return copy

@@ -92,3 +92,70 @@ def test_devices():
     for missing in {"cuda", "mps"} - set(available_devices()):
         with pytest.raises(MeshchopError, match="not available"):
             resolve_device(missing)
+
+
+# --------------------------------------------------------------- ensembles
+
+
+def _tiny(tmp_path, seed, shape=(32, 32, 32), channels=3):
+    torch.manual_seed(seed)
+    from napari_meshchop.model import Architecture, MeshNet
+    from napari_meshchop.preprocess import PreprocessSpec
+
+    model = MeshNet(Architecture(channels=channels, dilations=(1, 2, 1)))
+    ckpt = checkpoint.from_model(model.eval(), PreprocessSpec("ras-minmax", shape=shape))
+    return ckpt.save(tmp_path / f"seed{seed}-{shape[0]}.pt")
+
+
+def test_ensemble_probability_is_the_mean_of_its_members(tiny_checkpoint, tmp_path):
+    from napari_meshchop.inference import Ensemble, load_predictor
+
+    other = _tiny(tmp_path, 1)
+    volume = np.random.default_rng(2).random((12, 10, 9), dtype=np.float32)
+    expected = []
+    for path in (tiny_checkpoint, other):
+        with torch.no_grad():
+            logits = checkpoint.load(path).build()(torch.from_numpy(volume)[None, None])
+        expected.append(torch.softmax(logits, dim=1)[0, 1].numpy())
+    predictor, first, label = load_predictor([tiny_checkpoint, other])
+    assert isinstance(predictor, Ensemble) and len(predictor.members) == 2
+    assert first.preprocess == checkpoint.load(tiny_checkpoint).preprocess
+    assert label == "ensemble of 2 (tiny.pt, seed1-32.pt)"
+    events = []
+    got = run(predictor.lesion_probability(volume), events.append)
+    np.testing.assert_allclose(got, (expected[0] + expected[1]) / 2, atol=1e-5)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3  # the two models differ
+    done = [e.done for e in events]
+    assert done == list(range(1, predictor.n_steps + 1)) and events[-1].total == predictor.n_steps
+    single, _, label = load_predictor([tiny_checkpoint])
+    assert isinstance(single, FusedMeshNet) and label == "tiny.pt"
+
+
+def test_ensemble_refuses_models_on_different_grids(tiny_checkpoint, tmp_path):
+    from napari_meshchop.inference import load_predictor
+
+    other = _tiny(tmp_path, 1, shape=(24, 24, 24))
+    with pytest.raises(MeshchopError, match=r"seed1-24.pt: its preprocessing \(ras-minmax, "
+                       r"\(24, 24, 24\)\) differs from tiny.pt's"):
+        load_predictor([tiny_checkpoint, other])
+    with pytest.raises(MeshchopError, match="no model given"):
+        load_predictor([])
+
+
+def test_segment_command_takes_several_models_as_an_ensemble(tiny_checkpoint, tmp_path,
+                                                             capsys):
+    from napari_meshchop import cli
+
+    other = _tiny(tmp_path, 1)
+    src = tmp_path / "in.nii.gz"
+    img = nib.Nifti1Image(phantom(), oblique_affine())
+    nib.save(img, src)
+    out = tmp_path / "mask.nii.gz"
+    assert cli.main(["segment", str(src), "-o", str(out), "--model", str(tiny_checkpoint),
+                     "--model", str(other), "--device", "cpu", "-q"]) == 0
+    assert "model ensemble of 2 (tiny.pt, seed1-32.pt)" in capsys.readouterr().out
+    both = run(segment(load_volume(src), [tiny_checkpoint, other], device="cpu"))
+    alone = run(segment(load_volume(src), tiny_checkpoint, device="cpu"))
+    written = np.asarray(nib.load(out).dataobj)
+    np.testing.assert_array_equal(written, both.mask)
+    assert not np.array_equal(both.mask, alone.mask)  # the second model changed the answer

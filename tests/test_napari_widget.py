@@ -276,3 +276,55 @@ def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_p
     assert np.allclose(seen["ours"].affine, seen["theirs"].affine, atol=1e-5)
     assert np.array_equal(seen["ours"].get_fdata(), seen["theirs"].get_fdata())
     assert np.mean(masks["ours"] != masks["theirs"]) < 0.01, np.mean(masks["ours"] != masks["theirs"])
+
+
+def test_an_ensemble_of_checkpoints_segments_like_the_core(
+        make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
+    from napari_meshchop._segment_widget import ENSEMBLE, Source
+    from napari_meshchop.events import run
+    from napari_meshchop.inference import segment
+
+    torch.manual_seed(1)
+    other = checkpoint.from_model(MeshNet(Architecture(channels=3, dilations=(1, 2, 1))).eval(),
+                                  PreprocessSpec(name="ras-minmax", shape=(32,) * 3))
+    other_path = other.save(tmp_path / "other.pt")
+    viewer = make_napari_viewer()
+    path = _scan_file(tmp_path)
+    (image,) = viewer.open(str(path), plugin="napari-meshchop")
+    widget = _open_widget(viewer)
+    shown = _errors(monkeypatch)
+
+    widget._model.value = ENSEMBLE
+    assert not widget._ensemble.native.isHidden() and widget._checkpoint.native.isHidden()
+    widget._ensemble.value = [tiny_model]
+    widget.run()  # one file is no ensemble
+    assert widget.worker is None and "two or more checkpoint files" in shown[-1]
+
+    widget._ensemble.value = [tiny_model, other_path]
+    _run(qtbot, widget)
+    labels = viewer.layers["scan lesion"]
+    _assert_overlays(labels, image)
+    assert labels.metadata["model"] == "ensemble of 2 (tiny.pt, other.pt)"
+    assert "ensemble of 2" in widget._result.value
+    # The same mask as the core's ensemble on the same voxels.
+    img = layers.to_nifti(image.data, Source.of(image).geometry, "scan")
+    expected = run(segment(img, [tiny_model, other_path], device="cpu")).mask
+    np.testing.assert_array_equal(labels.data, expected)
+    alone = run(segment(img, tiny_model, device="cpu")).mask
+    assert not np.array_equal(expected, alone)
+
+    again = SegmentWidget(viewer)  # the choice persists, files and all
+    assert again._model.value == ENSEMBLE and not again._ensemble.native.isHidden()
+    assert [Path(p) for p in again._ensemble.value] == [tiny_model, other_path]
+    other_path.unlink()
+    assert "other.pt: checkpoint file not found" in _choice_error(again)
+
+
+def _choice_error(widget) -> str:
+    from napari_meshchop.errors import MeshchopError
+
+    try:
+        widget.model_choice()
+    except MeshchopError as exc:
+        return str(exc)
+    return ""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import napari
 
 CHECKPOINT = "checkpoint file..."
+ENSEMBLE = "ensemble of checkpoints..."  # the mean of several models' lesion probabilities
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # Segment widgets alive now
 
 
@@ -58,7 +59,8 @@ class Source:
         return cls(layer.name, layer.data, transform, dict(layer.metadata), geometry)
 
 
-def segment_layer(source: Source, model: str, device: str, stop: threading.Event):
+def segment_layer(source: Source, model: str | list[str], device: str,
+                  stop: threading.Event):
     """The worker's job: the layer's voxels as a NIfTI image, then the core's generator."""
     yield Progress("load", 0, 1, source.name)
     img = layers.to_nifti(source.data, source.geometry, source.name)
@@ -73,9 +75,13 @@ class SegmentWidget(Container):
         self.worker = None  # the running thread worker, or None
         self._stop = threading.Event()
         self._image = ComboBox(label="Image", choices=self._image_layers)
-        self._model = ComboBox(label="Model", choices=[*registry.names("model"), CHECKPOINT])
+        self._model = ComboBox(label="Model",
+                               choices=[*registry.names("model"), CHECKPOINT, ENSEMBLE])
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt *.pth",
                                     visible=False)
+        self._ensemble = FileEdit(label="Checkpoints", mode="rm", filter="*.pt *.pth",
+                                  visible=False, tooltip="two or more checkpoints trained "
+                                  "on the same grid (e.g. the folds' best.pt)")
         self._device = ComboBox(label="Device", choices=available_devices())
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -85,8 +91,8 @@ class SegmentWidget(Container):
         self._geometry = _wrapping_label()
         self._status = _wrapping_label()
         self._result = _wrapping_label()
-        inputs = Container(widgets=[self._image, self._model, self._checkpoint, self._device],
-                           labels=True)
+        inputs = Container(widgets=[self._image, self._model, self._checkpoint,
+                                    self._ensemble, self._device], labels=True)
         # Progress and messages span the dock's width, under the labelled inputs.
         self.extend([inputs, self._geometry, buttons, self._progress, self._status,
                      self._result])
@@ -116,10 +122,12 @@ class SegmentWidget(Container):
                 if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb]
 
     def _on_model(self, *_):
-        custom = self._model.value == CHECKPOINT
-        self._checkpoint.visible = custom
+        self._checkpoint.visible = self._model.value == CHECKPOINT
+        self._ensemble.visible = self._model.value == ENSEMBLE
         entry = registry.REGISTRY.get(self._model.value)
-        self._model.tooltip = entry.description if entry else "a MeshNet checkpoint (.pt)"
+        self._model.tooltip = entry.description if entry else (
+            "a MeshNet checkpoint (.pt)" if self._model.value == CHECKPOINT else
+            "several MeshNet checkpoints; their mean lesion probability decides")
 
     def _describe(self, *_):
         layer = self._image.value
@@ -131,7 +139,16 @@ class SegmentWidget(Container):
         shape = " x ".join(str(s) for s in layer.data.shape)
         self._geometry.value = " ".join(geometry.notes) or f"{shape} voxels of {size} mm."
 
-    def model_choice(self) -> str:
+    def model_choice(self) -> str | list[str]:
+        """A registry name, a checkpoint path, or a list of paths for an ensemble."""
+        if self._model.value == ENSEMBLE:
+            paths = [Path(p) for p in self._ensemble.value or ()]
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise MeshchopError(f"{missing[0]}: checkpoint file not found")
+            if len(paths) < 2:
+                raise MeshchopError("choose two or more checkpoint files (.pt) for an ensemble")
+            return [str(p) for p in paths]
         if self._model.value != CHECKPOINT:
             return self._model.value
         path = Path(self._checkpoint.value)
@@ -223,10 +240,13 @@ class SegmentWidget(Container):
         settings = QSettings("napari-meshchop", "segment")
         model, path = settings.value("model", ""), settings.value("checkpoint", "")
         device = settings.value("device", "")
+        ensemble = [p for p in str(settings.value("ensemble", "") or "").split("\n") if p]
         if model in self._model.choices:
             self._model.value = model
         if path and Path(path).is_file():
             self._checkpoint.value = path
+        if ensemble and all(Path(p).is_file() for p in ensemble):
+            self._ensemble.value = ensemble
         if device in self._device.choices:
             self._device.value = device
 
@@ -236,6 +256,8 @@ class SegmentWidget(Container):
         settings.setValue("device", self._device.value)
         if self._model.value == CHECKPOINT:
             settings.setValue("checkpoint", str(self._checkpoint.value))
+        if self._model.value == ENSEMBLE:  # one path a line: QSettings' lists vary by platform
+            settings.setValue("ensemble", "\n".join(str(p) for p in self._ensemble.value))
 
 
 def offer_checkpoint(viewer, path: str | Path) -> None:

@@ -10,6 +10,9 @@ file, say) gets its error in its record and the others go on; Stop raises
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 import time
 from collections.abc import Generator, Sequence
@@ -18,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .errors import Cancelled, MeshchopError
 from .events import Progress, StopFlag, check_stop
 from .metrics import METRICS, confusion, scores, summarize
 
 THRESHOLD = 0.5
+COUNTS = ("tp", "fp", "fn", "tn", "voxel_ml")  # SubjectResult.counts, in its rows
+PARTS = {False: ("test", "train"), True: ("val", "train")}  # outer fold, inner fold
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class SubjectResult:
         """A flat record for CSV and JSON."""
         row = {"subject": self.subject, "acquisition": self.acquisition}
         row.update({m: self.scores.get(m, float("nan")) for m in METRICS})
+        row.update({k: self.counts.get(k) for k in COUNTS})
         row.update({"error": self.error or "", "seconds": round(self.seconds, 3),
                     "prediction": os.fspath(self.prediction) if self.prediction else ""})
         return row
@@ -88,10 +95,10 @@ def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
         started = time.perf_counter()
         name = getattr(item, "id", f"subject {index + 1}")
         acquisition = getattr(item, "acquisition", "")
+        yield Progress("evaluate", index, total, name)
         try:
             subject = item() if callable(item) else item
             name, acquisition = subject.id, subject.acquisition
-            yield Progress("evaluate", index, total, name)
             mask = yield from _quietly(predict_mask(predictor, subject.image, stop))
             counts = confusion(mask, subject.truth, voxel_ml(subject.affine))
             saved = None
@@ -102,7 +109,7 @@ def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
                                    seconds=time.perf_counter() - started)
         except Cancelled:
             raise
-        except (MeshchopError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad subject must not end the others
             record = SubjectResult(name, acquisition, index, total,
                                    error=f"{type(exc).__name__}: {exc}",
                                    seconds=time.perf_counter() - started)
@@ -193,7 +200,7 @@ def fold_ids(data_dir: str | os.PathLike, outer: int, part: str = "test",
             raise MeshchopError(f"inner fold {inner} does not exist "
                                 f"(0..{made.inner_folds - 1})")
         fold = fold.inner[inner]
-    if not hasattr(fold, part):
+    if part not in PARTS[inner is not None]:
         raise MeshchopError(f"no part {part!r} in that fold (an outer fold has train and "
                             "test, an inner fold train and val)")
     return list(getattr(fold, part))
@@ -203,3 +210,39 @@ def summary(results: Sequence[SubjectResult]) -> dict[str, dict[str, float]]:
     """Per metric: mean +/- SD, median and quartiles over the subjects that succeeded."""
     done = [r for r in results if r.ok]
     return {m: summarize([r.scores[m] for r in done]) for m in METRICS}
+
+
+RESULTS_JSON, RESULTS_CSV, FORMAT = "results.json", "results.csv", "napari-meshchop-evaluation"
+
+
+def _plain(value):
+    """NaN as None: ``null`` in JSON (which has no NaN), an empty cell in CSV."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(out_dir: str | os.PathLike, results: Sequence[SubjectResult], config: dict,
+                  complete: bool = True) -> tuple[Path, Path]:
+    """Write ``results.json`` (config, one record per subject, summary) and ``results.csv``
+    (the same records, one row per subject), each atomically; return their paths."""
+    rows = [{k: _plain(v) for k, v in r.to_row().items()} for r in results]
+    doc = {"format": FORMAT, "version": 1, "complete": complete, "config": config,
+           "subjects": len(results), "failed": sum(not r.ok for r in results),
+           "records": rows,
+           "summary": {m: {k: _plain(v) for k, v in stats.items()}
+                       for m, stats in summary(results).items()}}
+    out = Path(out_dir)
+    json_path = files.write_json(out / RESULTS_JSON, doc)
+    return json_path, write_csv(out / RESULTS_CSV, results)
+
+
+def write_csv(path: str | os.PathLike, results: Sequence[SubjectResult]) -> Path:
+    """One row per subject (:meth:`SubjectResult.to_row`), atomically; an undefined score
+    (NaN) or a failed subject's scores are empty cells."""
+    text = io.StringIO()
+    fields = list(SubjectResult("", "", 0, 0).to_row())
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        row = {k: _plain(v) for k, v in r.to_row().items()}
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return files.write_bytes(path, text.getvalue().encode())

@@ -9,7 +9,7 @@ the input and the output of the current convolution.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from .nifti import load_volume, save_mask
 from .preprocess import prepare, to_source
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+Model = str | os.PathLike | ckpt_io.Checkpoint
+Models = Model | Sequence[Model]  # several: an ensemble
 
 
 def available_devices() -> list[str]:
@@ -192,30 +194,33 @@ def load_model(model: str | os.PathLike | ckpt_io.Checkpoint) -> tuple[ckpt_io.C
 
 def segment(
     img: nib.Nifti1Image,
-    model: str | os.PathLike | ckpt_io.Checkpoint = registry.DEFAULT_MODEL,
+    model: Models = registry.DEFAULT_MODEL,
     device: str = "auto",
     stop: StopFlag = None,
 ) -> Generator[Progress, None, SegmentResult]:
-    """Segment the lesion in one checked 3D image (see :func:`nifti.load_volume`)."""
+    """Segment the lesion in one checked 3D image (see :func:`nifti.load_volume`).
+
+    ``model`` is one checkpoint file, registry name or Checkpoint, or a list of them: an
+    :class:`Ensemble` (the mean of their lesion probabilities).
+    """
     yield Progress("model", 0, 1, "loading model")
-    checkpoint, label = load_model(model)
     dev = resolve_device(device)
-    fused = FusedMeshNet(checkpoint.build(), dev)
-    total = fused.n_steps + 3  # model, preprocessing, the layers, mapping back
+    predictor, checkpoint, label = load_predictor(model, dev)
+    total = predictor.n_steps + 3  # model, preprocessing, the layers, mapping back
     check_stop(stop)
     yield Progress("preprocess", 1, total, checkpoint.preprocess.name)
     prepared = prepare(img, checkpoint.preprocess)
     check_stop(stop)
     try:
-        prob = yield from _rebase(fused.lesion_probability(prepared.volume, stop), 2, total)
+        prob = yield from _rebase(predictor.lesion_probability(prepared.volume, stop), 2, total)
     except (NotImplementedError, RuntimeError) as exc:
         if dev.type != "mps":
             raise
         # Some 3D operations are missing or broken on Apple's MPS: run on the CPU.
         yield Progress("network", 2, total, f"MPS failed ({exc}); using the CPU")
         dev = torch.device("cpu")
-        fused = FusedMeshNet(checkpoint.build(), dev)
-        prob = yield from _rebase(fused.lesion_probability(prepared.volume, stop), 2, total)
+        predictor, _, _ = load_predictor(model, dev)
+        prob = yield from _rebase(predictor.lesion_probability(prepared.volume, stop), 2, total)
     del prepared.volume
     yield Progress("map back", total - 1, total, "to the input grid")
     mask = (to_source(prob, prepared) > 0.5).astype(np.uint8)
@@ -239,7 +244,7 @@ def _rebase(job: Generator[Progress, None, np.ndarray], offset: int, total: int)
 def segment_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
-    model: str | os.PathLike | ckpt_io.Checkpoint = registry.DEFAULT_MODEL,
+    model: Models = registry.DEFAULT_MODEL,
     device: str = "auto",
     stop: StopFlag = None,
 ) -> Generator[Progress, None, SegmentResult]:

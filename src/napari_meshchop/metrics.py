@@ -19,7 +19,13 @@ Edge cases, chosen so that a perfect "no lesion" answer scores as perfect:
   (undefined; scikit-learn's convention, like every zero denominator of MCC);
 * empty truth, lesion predicted: dice, precision, recall = 0.0; avd = NaN (no reference
   volume to divide by; summaries skip NaN and say how many they skipped);
-* lesion in the truth, nothing predicted: dice, precision, recall = 0.0; avd = 1.0.
+* lesion in the truth, nothing predicted: dice, precision, recall = 0.0; avd = 1.0;
+* every voxel lesion in both: dice, macro_dice (its background half has nothing to score
+  either, so it counts as 1.0), precision, recall = 1.0; avd = 0.0; mcc = 0.0.
+
+scikit-learn agrees on every non-empty case (``f1_score`` is lesion Dice, ``f1_score(...,
+average="macro")`` macro Dice, ``matthews_corrcoef`` MCC); for two empty masks its
+``f1_score`` gives 0.0 unless ``zero_division=1.0``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,16 @@ class Counts:
     fn: int
     tn: int
     voxel_ml: float = 0.001  # 1 mm^3
+
+    def __post_init__(self):
+        # Python ints: exact products at any volume size (numpy's int64 would overflow in
+        # MCC's denominator at 256^3), and plain numbers in JSON.
+        for name in ("tp", "fp", "fn", "tn"):
+            value = getattr(self, name)
+            if value < 0 or int(value) != value:
+                raise ValueError(f"{name} must be a count, not {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "voxel_ml", float(self.voxel_ml))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,9 +90,9 @@ def scores(c: Counts) -> dict[str, float]:
         avd = abs(n_pred - n_true) / n_true
     else:
         avd = 0.0 if empty else math.nan
-    # Products of counts overflow int64 at 256^3; Python ints and floats do not.
-    den = math.sqrt(float(n_pred) * n_true * (c.tn + c.fp) * (c.tn + c.fn))
-    mcc = (float(c.tp) * c.tn - float(c.fp) * c.fn) / den if den else 0.0
+    # Products of counts overflow int64 at 256^3; Python ints do not (exact numerator).
+    den = math.sqrt(n_pred * n_true * (c.tn + c.fp) * (c.tn + c.fn))
+    mcc = (c.tp * c.tn - c.fp * c.fn) / den if den else 0.0
     return {
         "dice": lesion,
         "macro_dice": (lesion + background) / 2,
