@@ -103,3 +103,33 @@ def test_gui_commands_start_napari_with_our_widget(command, tmp_path):
     text = log.read_text()
     assert "ALIVE" in text, text[-3000:]
     assert "Traceback" not in text and "Error" not in text, text[-3000:]
+
+
+def _documented_meshchop_lines():
+    """Every `meshchop ...` line in a code block of README.md or docs/ (run or not)."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S):
+            text = block.replace("\\\n", " ")
+            for line in text.splitlines():
+                line = line.strip().removeprefix("$ ")
+                if line.startswith("meshchop "):
+                    found.append(pytest.param(line, id=f"{page.name}:{line[:50]}"))
+    return found
+
+
+@pytest.mark.parametrize("line", _documented_meshchop_lines())
+def test_documented_meshchop_commands_parse(line):
+    """Commands that need a downloaded cohort are not run here, but their flags are real:
+    each parses with the CLI's own parser."""
+    import shlex
+
+    from napari_meshchop import cli
+
+    argv = shlex.split(line, comments=True)
+    argv = argv[:argv.index("&&")] if "&&" in argv else argv
+    argv = ["PATH" if a.startswith("$(") else a for a in argv]  # a substitution: a path
+    try:
+        cli.build_parser().parse_args(argv[1:])
+    except SystemExit as exc:
+        pytest.fail(f"{line!r} does not parse (exit {exc.code})")

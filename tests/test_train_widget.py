@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import arc_replica
 import pytest
 
-from napari_meshchop import arc, events, folds
+from napari_meshchop import folds
 from napari_meshchop import checkpoint as ckpt_io
 from napari_meshchop._segment_widget import CHECKPOINT
 
@@ -13,15 +12,6 @@ from napari_meshchop._segment_widget import CHECKPOINT
 @pytest.fixture(autouse=True)
 def _isolated(isolated_settings):
     """QSettings in tmp_path (conftest)."""
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    replica = arc_replica.build(tmp_path_factory.mktemp("replica"))
-    folder = tmp_path_factory.mktemp("arc")
-    events.run(arc.download(folder, source=replica, folds=False))
-    folds.make(folder, outer=2, inner=2)
-    return folder
 
 
 def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, data, tmp_path):
@@ -58,3 +48,39 @@ def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, da
     # The checkpoint is offered to the Segment widget.
     assert segment._model.value == CHECKPOINT
     assert segment._checkpoint.value == result.checkpoint
+
+
+def test_search_section_lists_trials_stops_and_resumes(make_napari_viewer, qtbot, data,
+                                                       tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
+    widget._data.value = data
+    widget._out.value = tmp_path / "hpo"
+    widget._device.value = "cpu"
+    widget._preprocess.value = "ras-minmax"
+    widget._shape.value = 16
+    widget._search_box.value = True
+    search = widget.search
+    search._trials.value = 2
+    search._min_epochs.value = 1
+    search._max_epochs.value = 2
+
+    search.toggle()  # Start ...
+    assert search._start.text == "Stop search"
+    qtbot.waitUntil(lambda: "Trial 0" in search._status.value, timeout=60_000)
+    search.toggle()  # ... and Stop: trial 0 goes back in the queue, unless it just ended
+    qtbot.waitUntil(lambda: search.worker is None, timeout=60_000)
+    counts = search.result.counts
+    assert search.result.stopped and counts.running == 0
+    assert counts.finished + counts.waiting == 2  # nothing lost
+    assert search._start.text == "Start search" and "Stopped" in search._status.value
+
+    search.toggle()  # Start again: the search completes
+    qtbot.waitUntil(lambda: search.worker is None, timeout=60_000)
+    result = search.result
+    assert not result.stopped and result.counts.finished == 2
+    rows = search.table.data.to_list()
+    assert [row[0] for row in rows] == [f.number for f in result.finished]
+    assert all(row[1] in ("complete", "pruned") for row in rows)
+    assert f"trial {result.best['trial']}" in search._best.value
+    assert (tmp_path / "hpo" / "best_params.json").is_file()

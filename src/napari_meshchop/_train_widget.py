@@ -19,14 +19,16 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
+    Table,
 )
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
-from . import train
+from . import engine, hpo, train
 from ._feedback import report_error
 from .errors import MeshchopError
 from .inference import available_devices
@@ -123,6 +125,10 @@ class TrainWidget(Container):
                      Container(widgets=[self._epoch_bar, self._step_bar], labels=True),
                      self._status])
         self.native.layout().addWidget(self.plot.canvas)
+        self.search = SearchSection(self)
+        self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
+        self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
+        self.extend([self._search_box, self.search])
         self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._start.clicked.connect(self.toggle)
@@ -142,6 +148,9 @@ class TrainWidget(Container):
     def toggle(self) -> None:
         """Start, or, while running, Stop (after the current step, leaving a checkpoint)."""
         if self.worker is None:
+            if self.search.worker is not None:
+                show_error("A hyperparameter search is running; stop it first.")
+                return
             self.start()
         else:
             self.stop()
@@ -201,3 +210,113 @@ class TrainWidget(Container):
     def _on_finished(self) -> None:
         self.worker = None
         self._start.text = "Start"
+
+
+COLUMNS = ["trial", "state", "mean Dice"]
+
+
+class SearchSection(Container):
+    """ASHA on the inner folds of the Train widget's outer fold, with its recipe
+    (:func:`hpo.search`, what ``meshchop hpo`` runs): trials, storage, study; Start
+    becomes Stop; finished trials are listed as they come, with the best so far."""
+
+    def __init__(self, owner: TrainWidget):
+        super().__init__(labels=False, visible=False)
+        self._owner = owner
+        self.worker = None
+        self._stop = threading.Event()
+        self.result: hpo.SearchResult | None = None
+        space = hpo.Space()
+        self._trials = SpinBox(label="Trials", min=1, max=10_000, value=50)
+        self._min_epochs = SpinBox(label="Min epochs (rung 1)", min=1, max=10_000,
+                                   value=space.min_epochs)
+        self._max_epochs = SpinBox(label="Max epochs", min=1, max=10_000,
+                                   value=space.max_epochs)
+        self._storage = LineEdit(label="Storage", value="",
+                                 tooltip="empty: a journal file in the run folder; or a "
+                                 "database URL that workers on other machines share")
+        self._study = LineEdit(label="Study", value=hpo.STUDY)
+        self._start = PushButton(text="Start search")
+        self._best = Label(value="")
+        self._status = Label(value="")
+        self.rows: list[list] = []  # trial, state, mean Dice: as trials finish
+        self.table = Table(value=[], columns=COLUMNS)
+        self.extend([Container(widgets=[self._trials, self._min_epochs, self._max_epochs,
+                                        self._storage, self._study], labels=True),
+                     self._start, self._status, self._best, self.table])
+        self._start.clicked.connect(self.toggle)
+
+    def toggle(self) -> None:
+        if self.worker is None:
+            if self._owner.worker is not None:
+                show_error("Training is running; stop it first.")
+                return
+            self.start()
+        else:
+            self._stop.set()
+            self._status.value = "Stopping after this step..."
+
+    def start(self) -> None:
+        try:
+            config = self._owner.config()
+            space = hpo.Space(min_epochs=self._min_epochs.value,
+                              max_epochs=self._max_epochs.value)
+        except (MeshchopError, ValueError) as exc:
+            show_error(str(exc))
+            return
+        self._stop = threading.Event()
+        self.result = None
+        self._show_rows([])
+        self.worker = create_worker(
+            hpo.search, config, Path(self._owner._out.value), self._trials.value, space,
+            self._storage.value.strip() or None, self._study.value.strip() or hpo.STUDY,
+            stop=self._stop, _start_thread=False,
+            _connect={"yielded": self._on_event, "returned": self._on_result,
+                      "errored": self._on_error, "finished": self._on_finished})
+        self._start.text = "Stop search"
+        self._status.value = "Searching..."
+        self.worker.start()
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, engine.Claimed):
+            verb = "resumed" if event.resumed else "running"
+            self._status.value = f"Trial {event.number} {verb}"
+        elif isinstance(event, hpo.TrialReport):
+            self._status.value = (f"Trial {event.number}: epoch {event.epoch}/{event.epochs}, "
+                                  f"mean Dice {event.mean:.3f}")
+        elif isinstance(event, engine.Finished):
+            value = "" if event.value is None else f"{event.value:.3f}"
+            self._show_rows([*self.rows, [event.number, event.state.lower(), value]])
+        elif isinstance(event, hpo.Best):
+            shown = {k: v for k, v in event.params.items() if k in hpo.SEARCHED}
+            self._best.value = (f"Best so far: trial {event.trial}, mean Dice "
+                                f"{event.value:.3f}\n" + ", ".join(
+                                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in shown.items()))
+        elif isinstance(event, engine.Waiting):
+            self._status.value = f"Waiting for {event.running} trial(s) on other workers"
+        elif isinstance(event, train.Notice):
+            self._status.value = event.message
+        elif isinstance(event, train.Step):
+            self._owner._step_bar.max = max(event.total, 1)
+            self._owner._step_bar.value = event.done
+
+    def _show_rows(self, rows: list[list]) -> None:
+        self.rows = rows
+        self.table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+
+    def _on_result(self, result: hpo.SearchResult) -> None:
+        self.result = result
+        c = result.counts
+        verb = "Stopped" if result.stopped else "Finished"
+        where = f"; best parameters in {result.best_path}" if result.best_path else ""
+        self._status.value = (f"{verb}: {c.complete} complete, {c.pruned} pruned, "
+                              f"{c.waiting + c.running} to do{where}")
+        show_info(f"Hyperparameter search {verb.lower()}{where}")
+
+    def _on_error(self, exc: Exception) -> None:
+        report_error(self._status, "Hyperparameter search", exc)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._start.text = "Start search"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Generator
 from typing import Any
 
@@ -34,10 +36,33 @@ def drive(job: Generator[Any, None, Any], quiet: bool = False) -> Any:
             bar.close()
 
 
+class StopOnCtrlC(threading.Event):
+    """A stop flag that the first Ctrl-C sets (the job ends cleanly after its step); a
+    second Ctrl-C aborts. ``restore()`` puts the previous handler back."""
+
+    def __init__(self):
+        super().__init__()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def _on_interrupt(self, signum, frame):
+        if self.is_set():
+            raise KeyboardInterrupt
+        self.set()
+        tqdm.write("meshchop: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def cmd_segment(args) -> int:
     from .inference import segment_file
 
-    result = drive(segment_file(args.input, args.output, args.model, args.device), args.quiet)
+    models = args.model or [registry.DEFAULT_MODEL]
+    result = drive(segment_file(args.input, args.output, models, args.device), args.quiet)
     print(f"lesion volume: {result.lesion_ml:.2f} mL ({result.lesion_voxels} voxels)")
     print(f"mask written to {args.output} (model {result.model}, device {result.device})")
     return 0
@@ -162,22 +187,13 @@ def add_recipe_flags(t: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from . import train
 
+    if args.outer_fold is None and not args.resume:
+        raise MeshchopError("choose an outer fold with --outer-fold K (or --resume a run)")
     config = train_config(args, data_dir=args.data_dir, outer_fold=args.outer_fold,
                           inner_fold=None if args.full_outer else args.inner_fold,
                           full_outer=args.full_outer)
-    import signal
-    import threading
+    stop = StopOnCtrlC()
 
-    stop = threading.Event()
-
-    def on_interrupt(signum, frame):  # first Ctrl-C: stop cleanly after this step
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        tqdm.write("meshchop: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_interrupt) if main_thread else None
     job = train.train(config, args.out, resume=args.resume, stop=stop)
     bar = None if args.quiet else tqdm(total=1, unit="step", file=sys.stderr, leave=False,
                                        dynamic_ncols=True)
@@ -203,8 +219,7 @@ def cmd_train(args) -> int:
         print(f"meshchop: interrupted; resume with --resume --out {args.out}", file=sys.stderr)
         return 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        stop.restore()
         if bar is not None:
             bar.close()
     if result.stopped:
@@ -217,6 +232,276 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Score one checkpoint (or an ensemble of several) on one part of the saved folds."""
+    from pathlib import Path
+
+    from . import evaluate
+    from .inference import resolve_device
+
+    if args.save_predictions and not args.out:
+        raise MeshchopError("--save-predictions needs --out (the masks go to OUT/predictions)")
+    part = args.part or ("test" if args.inner_fold is None else "val")
+    ids = evaluate.fold_ids(args.data_dir, args.outer_fold, part, args.inner_fold)
+    if not ids:
+        raise MeshchopError(f"{part} part of that fold is empty")
+    device = resolve_device(args.device).type
+    config = {"models": [str(m) for m in args.checkpoints],
+              "data_dir": str(Path(args.data_dir).resolve()), "outer_fold": args.outer_fold,
+              "inner_fold": args.inner_fold, "part": part, "device": device}
+    predictions = Path(args.out) / "predictions" if args.save_predictions else None
+    records: list = []
+
+    def printing(job):  # each subject's row as soon as it is scored; progress to the bar
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as finished:
+                return finished.value
+            if isinstance(event, evaluate.SubjectResult):
+                records.append(event)
+                tqdm.write(_evaluation_row(event), file=sys.stdout)
+                continue
+            if event.stage == "evaluate" and event.done == 0:  # the model loaded fine
+                tqdm.write(_evaluation_row(None), file=sys.stdout)
+            yield event
+
+    print(f"evaluating {len(ids)} subject{'s' * (len(ids) != 1)} ({part} of outer fold "
+          f"{args.outer_fold}" + ("" if args.inner_fold is None else f", inner fold "
+                                  f"{args.inner_fold}")
+          + f") with {' + '.join(Path(str(m)).name for m in args.checkpoints)} on {device}")
+    try:
+        results = drive(printing(evaluate.evaluate(args.checkpoints, args.data_dir, ids, device,
+                                                   predictions)), args.quiet)
+    except (KeyboardInterrupt, Cancelled):
+        if args.out and records:
+            evaluate.write_results(args.out, records, config, complete=False)
+            print(f"meshchop: interrupted; {len(records)} of {len(ids)} subjects scored, "
+                  f"written to {args.out} (marked incomplete)", file=sys.stderr)
+        else:
+            print("meshchop: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print()
+    print("\n".join(_evaluation_summary(results)))
+    if args.out:
+        json_path, csv_path = evaluate.write_results(args.out, results, config)
+        print(f"results written to {json_path} and {csv_path}")
+    return 0
+
+
+_SHOWN = (("dice", "lesion Dice"), ("macro_dice", "macro Dice"), ("avd", "AVD"),
+          ("mcc", "MCC"), ("precision", "precision"), ("recall", "recall"),
+          ("true_ml", "true mL"), ("pred_ml", "predicted mL"))
+
+
+def _evaluation_row(r) -> str:
+    """One subject's line of `meshchop evaluate` (the header when ``r`` is None)."""
+    if r is None:
+        return (f"{'subject':<22} {'acquisition':<15} {'true mL':>8} {'pred mL':>8} "
+                f"{'Dice':>6} {'macro':>6} {'AVD':>6} {'MCC':>6}")
+    head = f"{r.subject:<22} {r.acquisition:<15}"
+    if not r.ok:
+        return f"{head} error: {r.error}"
+    s = r.scores
+    return (f"{head} {s['true_ml']:8.2f} {s['pred_ml']:8.2f} {s['dice']:6.3f} "
+            f"{s['macro_dice']:6.3f} {_num(s['avd'], 6)} {s['mcc']:6.3f}")
+
+
+def _num(value: float, width: int) -> str:
+    return f"{'n/a':>{width}}" if value != value else f"{value:{width}.3f}"  # NaN: n/a
+
+
+def _evaluation_summary(results) -> list[str]:
+    from .evaluate import summary
+
+    failed = sum(not r.ok for r in results)
+    lines = [f"{len(results) - failed} of {len(results)} subjects scored"
+             + (f"; {failed} failed (see their rows)" if failed else "")]
+    if failed == len(results):
+        return lines
+    lines.append(f"{'':<13} {'mean':>9} +/- {'SD':<9} {'median':>9} [IQR]")
+    stats = summary(results)
+    for key, name in _SHOWN:
+        st = {k: _num(v, 0) if isinstance(v, float) else v for k, v in stats[key].items()}
+        skipped = f"  ({st['skipped']} without a value)" if st["skipped"] else ""
+        lines.append(f"{name:<13} {st['mean']:>9} +/- {st['sd']:<9} {st['median']:>9} "
+                     f"[{st['q1']}, {st['q3']}]{skipped}")
+    return lines
+
+
+def cmd_experiment(args) -> int:
+    """Run (or continue) the paper's protocol and write its report; or only the report."""
+    from pathlib import Path
+
+    from . import experiment, report, train
+
+    out = Path(args.out)
+    if args.report_only:  # ensembles (evaluation only) and the report; no training
+        doc = drive(experiment.finish(out, experiment.load_plan(out), args.ensemble,
+                                      args.compare, args.device), args.quiet)
+        print(report.markdown(doc), end="")
+        print(f"\nreport written to {out / report.REPORT_MD} and {out / report.REPORT_JSON}")
+        return 0
+
+    def asked_plan():  # with no recipe flags, the plan saved in --out (to continue it)
+        from dataclasses import replace
+
+        from . import arc
+        from . import folds as _folds
+
+        given = getattr(args, "given", set()) - set(experiment.HOW)
+        asked = (given or args.params or args.restarts is not None or args.folds is not None
+                 or args.data_dir is not None)
+        data_dir = args.data_dir or str(arc.DEFAULT_DATA_DIR)
+        config = train_config(args, data_dir=data_dir)
+        if (out / experiment.PLAN).is_file() and not asked:
+            saved = experiment.load_plan(out)
+            how = {k: getattr(config, k) for k in experiment.HOW}
+            return replace(saved, config=replace(saved.config, **how))
+        fold_list = args.folds
+        if fold_list is None:
+            fold_list = range(_folds.load(data_dir).outer_folds)
+        return experiment.plan(config, fold_list, 10 if args.restarts is None else args.restarts)
+
+    plan = asked_plan()
+    stop = StopOnCtrlC()
+
+    if args.storage:  # runs shared with other workers through a study (engine.py)
+        from . import engine
+
+        job = engine.shared_experiment(out, plan, args.storage, args.study,
+                                       ensemble=args.ensemble, compare=args.compare,
+                                       heartbeat=args.heartbeat, grace=args.grace, stop=stop)
+    else:
+        job = experiment.experiment(out, plan, ensemble=args.ensemble, compare=args.compare,
+                                    stop=stop)
+    bars = [] if args.quiet else [
+        tqdm(total=len(plan.runs), unit="run", file=sys.stderr, leave=False, position=0,
+             dynamic_ncols=True),
+        tqdm(total=1, unit="step", file=sys.stderr, leave=False, position=1,
+             dynamic_ncols=True)]
+    resume = f"meshchop experiment --out {args.out}" + (
+        f" --storage {_redact(args.storage)} --study {args.study}" if args.storage else "")
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as finished:
+                doc = finished.value
+                break
+            if isinstance(event, train.Notice):
+                tqdm.write(f"meshchop: {event.message}", file=sys.stderr)
+            elif bars and isinstance(event, experiment.RunProgress):
+                bars[0].total, bars[0].n = event.total, event.done
+                bars[0].set_description_str(f"runs ({event.key})")
+                bars[0].refresh()
+                bars[1].reset(total=1)  # a new run: its own steps and rate
+            elif bars and isinstance(event, Progress):
+                bars[1].total, bars[1].n = event.total, event.done
+                bars[1].set_description_str(f"{event.stage}: {event.message}"[:32])
+                bars[1].set_postfix_str(f"loss={event.loss:.4f}" if isinstance(
+                    event, train.Step) else "", refresh=False)
+                bars[1].refresh()
+    except (Cancelled, KeyboardInterrupt):
+        print(f"meshchop: stopped; complete runs are kept and an interrupted one resumes "
+              f"from its checkpoint: run `{resume}` to continue", file=sys.stderr)
+        return 130
+    finally:
+        stop.restore()
+        for bar in reversed(bars):
+            bar.close()
+    print(report.markdown(doc), end="")
+    print(f"\nreport written to {out / report.REPORT_MD} and {out / report.REPORT_JSON}")
+    return 0
+
+
+def _redact(storage: str) -> str:
+    from .engine import redact
+
+    return redact(storage)
+
+
+def cmd_hpo(args) -> int:
+    """Search hyperparameters with ASHA on the inner folds of an outer fold, or join a
+    search that workers on this or other machines share (same --storage and --study)."""
+    from . import engine, hpo, train
+
+    searched = sorted(getattr(args, "given", set()) & set(hpo.SEARCHED))
+    if searched:
+        flags = ", ".join("--" + name.replace("_", "-") for name in searched)
+        raise MeshchopError(f"meshchop hpo searches {flags}; set the search space with "
+                            "--channels-range, --lr-range, --weight-decay-range, "
+                            "--background-weight-range, --pct-start-choices, --min-epochs "
+                            "and --max-epochs")
+    config = train_config(args, data_dir=args.data_dir, outer_fold=args.outer_fold)
+    space = hpo.Space(channels=args.channels_range, lr=args.lr_range,
+                      weight_decay=args.weight_decay_range,
+                      background_weight=args.background_weight_range,
+                      pct_start=args.pct_start_choices, min_epochs=args.min_epochs,
+                      max_epochs=args.max_epochs)
+    stop = StopOnCtrlC()
+
+    job = hpo.search(config, args.out, args.trials, space, args.storage, args.study,
+                     args.reduction_factor, args.sampler_seed, args.heartbeat, args.grace,
+                     stop=stop)
+    bar = None if args.quiet else tqdm(total=1, unit="step", file=sys.stderr, leave=False,
+                                       dynamic_ncols=True)
+    say = (lambda text: None) if args.quiet else (lambda text: tqdm.write(text, file=sys.stderr))
+    trial = ""
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            if isinstance(event, engine.Claimed):
+                trial = f"trial {event.number}"
+                say(f"{trial}: " + (f"resumed (trial {event.origin} was interrupted)"
+                                    if event.resumed else "started"))
+            elif isinstance(event, hpo.TrialReport):
+                say(f"{trial}: epoch {event.epoch}/{event.epochs}, mean validation Dice "
+                    f"{event.mean:.3f} (" + ", ".join(f"{d:.3f}" for d in event.fold_dice)
+                    + ")")
+            elif isinstance(event, engine.Finished):
+                value = "" if event.value is None else f", mean validation Dice {event.value:.3f}"
+                say(f"trial {event.number}: {event.state.lower()}{value} "
+                    f"({event.seconds:.0f} s)")
+            elif isinstance(event, hpo.Best):
+                say(f"best so far: trial {event.trial}, mean validation Dice {event.value:.3f}")
+            elif isinstance(event, engine.Waiting) and bar is not None:
+                bar.set_description_str(f"waiting: {event.running} trial(s) on other workers")
+                bar.refresh()
+            elif isinstance(event, train.Notice):
+                say(f"meshchop: {event.message}")
+            elif isinstance(event, train.Step) and bar is not None:
+                bar.total, bar.n = event.total, event.done
+                bar.set_description_str(f"{trial}: {event.message}")
+                bar.refresh()
+    except KeyboardInterrupt:
+        print("meshchop: interrupted; run the same command again: a trial whose worker "
+              "stopped is resumed from its checkpoints", file=sys.stderr)
+        return 130
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    c = result.counts
+    print(f"study {result.study!r} in {result.storage}: {c.complete} complete, {c.pruned} "
+          f"pruned, {c.waiting + c.running} to do, of {c.planned} trials")
+    if result.stopped:
+        print("meshchop: stopped; run the same command again to continue (the interrupted "
+              "trial resumes from its checkpoints)", file=sys.stderr)
+    if result.best is not None:
+        print(f"best: trial {result.best['trial']}, mean validation Dice "
+              f"{result.best['value']:.3f}: " + ", ".join(
+                  f"{k}={v}" for k, v in result.best["params"].items() if k in hpo.SEARCHED))
+        print(f"best parameters: {result.best_path} (meshchop train --params "
+              f"{result.best_path} ...)")
+    print(f"dashboard: optuna-dashboard {result.storage}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshchop", description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("--version", action="version", version=f"napari-meshchop {__version__}")
@@ -225,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment the stroke lesion in a NIfTI MRI")
     s.add_argument("input", help="a 3D NIfTI image (.nii or .nii.gz)")
     s.add_argument("-o", "--output", required=True, help="where to write the lesion mask (.nii.gz)")
-    s.add_argument("--model", default=registry.DEFAULT_MODEL,
-                   help=f"a checkpoint file or a pretrained name (default {registry.DEFAULT_MODEL})")
+    s.add_argument("--model", action="append", default=None,
+                   help="a checkpoint file or a pretrained name (default "
+                   f"{registry.DEFAULT_MODEL}); repeat it for an ensemble of several")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_segment)
@@ -275,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
                    help=f"the folder with manifest.json and folds.json (default "
                    f"{arc.DEFAULT_DATA_DIR})")
-    t.add_argument("--outer-fold", type=int, required=True, help="K: train on its training set")
+    t.add_argument("--outer-fold", type=int, default=None,
+                   help="K: train on its training set (with --resume: the run's own)")
     which = t.add_mutually_exclusive_group()
     which.add_argument("--inner-fold", type=int, default=0,
                        help="J: train on inner fold J, validate on its val part (default 0)")
@@ -288,6 +575,101 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_flags(t)
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="score checkpoints (several: their ensemble) on a "
+                       "part of the saved folds: Dice, AVD, MCC per subject and summary")
+    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="a checkpoint file or pretrained name; several make an ensemble "
+                   "(the mean of their lesion probabilities)")
+    e.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
+                   help=f"the folder with manifest.json and folds.json (default "
+                   f"{arc.DEFAULT_DATA_DIR})")
+    e.add_argument("--outer-fold", type=int, required=True, help="K")
+    e.add_argument("--part", choices=["test", "train", "val"], default=None,
+                   help="which subjects: test or train of outer fold K, or train or val of "
+                   "inner fold J (default test, or val with --inner-fold)")
+    e.add_argument("--inner-fold", type=int, default=None, help="J: a part of inner fold J")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    e.add_argument("--out", default=None,
+                   help="write results.json and results.csv into this folder")
+    e.add_argument("--save-predictions", action="store_true",
+                   help="also write each predicted mask (network grid) to OUT/predictions")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+    x = sub.add_parser("experiment", help="the paper's protocol: outer folds x restarts, each "
+                       "trained on the whole outer training set and tested on the outer test "
+                       "set; a report beside the paper's Table 1; resumable")
+    x.add_argument("--out", required=True, help="experiment folder: plan.json, "
+                   "fold{K}/restart{R}/ (run folders with results.json), report.md, "
+                   "report.json; run again to continue")
+    x.add_argument("--data-dir", default=None, help=f"the folder with manifest.json and "
+                   f"folds.json (default: the experiment's, else {arc.DEFAULT_DATA_DIR})")
+    x.add_argument("--restarts", type=int, default=None,
+                   help="runs per fold, seeds SEED..SEED+N-1 (default 10)")
+    x.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
+                   help="outer folds to run (default all)")
+    x.add_argument("--ensemble", action="store_true", help="also score each fold's restarts "
+                   "as one ensemble (the mean of their lesion probabilities)")
+    x.add_argument("--compare", default=None, metavar="OTHER_OUT",
+                   help="another experiment folder: paired Wilcoxon signed-rank tests per "
+                   "subject, Holm-corrected, in the report")
+    x.add_argument("--report-only", action="store_true",
+                   help="train nothing: aggregate the runs done so far and write the report")
+    x.add_argument("--storage", default=None, help="share the runs with other workers "
+                   "through a study: a database URL (postgresql://user:password@host/db) "
+                   "or a journal file for processes on one machine; every worker runs the "
+                   "same command (see docs/hpo.md)")
+    x.add_argument("--study", default="meshchop-experiment",
+                   help="study name with --storage (default meshchop-experiment)")
+    x.add_argument("--heartbeat", type=int, default=60, help="with --storage: seconds "
+                   "between a worker's heartbeats (default 60)")
+    x.add_argument("--grace", type=int, default=None, help="with --storage: seconds without "
+                   "a heartbeat after which a worker's run is retried (default 3 heartbeats)")
+    add_recipe_flags(x)
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_experiment)
+    h = sub.add_parser("hpo", help="search hyperparameters with asynchronous successive "
+                       "halving (ASHA) on the inner folds of an outer fold; workers on many "
+                       "machines share one study")
+    h.add_argument("--data-dir", default=str(arc.DEFAULT_DATA_DIR),
+                   help=f"the folder with manifest.json and folds.json (default "
+                   f"{arc.DEFAULT_DATA_DIR})")
+    h.add_argument("--outer-fold", type=int, default=0,
+                   help="K: search on its inner folds (default 0)")
+    h.add_argument("--trials", type=int, default=50,
+                   help="trials in the study (set by its first worker; default 50)")
+    h.add_argument("--out", required=True, help="folder: best_params.json, trials/NNN/ (the "
+                   "trials' runs; share it between machines to resume a dead worker's trial), "
+                   "study.journal (the default storage)")
+    h.add_argument("--storage", default=None, help="where the study lives: a journal file "
+                   "(default OUT/study.journal) or a database URL shared by several machines, "
+                   "e.g. postgresql://user:password@host/db")
+    h.add_argument("--study", default="meshchop-hpo", help="study name (default meshchop-hpo)")
+    h.add_argument("--min-epochs", type=int, default=15,
+                   help="ASHA's minimum resource: the first rung (default 15)")
+    h.add_argument("--max-epochs", type=int, default=50,
+                   help="epochs of a full trial and of its OneCycle schedule (default 50)")
+    h.add_argument("--reduction-factor", type=int, default=3,
+                   help="ASHA keeps the top 1/N at each rung (default 3)")
+    h.add_argument("--channels-range", type=int, nargs=2, default=(5, 21),
+                   metavar=("LOW", "HIGH"), help="MeshNet width, integer (default 5 21)")
+    h.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 4e-2),
+                   metavar=("LOW", "HIGH"), help="learning rate, log-uniform (default 1e-4 4e-2)")
+    h.add_argument("--weight-decay-range", type=float, nargs=2, default=(1e-4, 4e-2),
+                   metavar=("LOW", "HIGH"), help="log-uniform (default 1e-4 4e-2)")
+    h.add_argument("--background-weight-range", type=float, nargs=2, default=(0.0, 1.0),
+                   metavar=("LOW", "HIGH"),
+                   help="background class weight, uniform; the lesion's is 1 (default 0 1)")
+    h.add_argument("--pct-start-choices", type=float, nargs="+", default=(0.02, 0.1, 0.2),
+                   metavar="SHARE", help="OneCycle warm-up shares (default 0.02 0.1 0.2)")
+    h.add_argument("--sampler-seed", type=int, default=42,
+                   help="TPE's seed, used by the study's first worker (default 42)")
+    h.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's "
+                   "heartbeats (default 60)")
+    h.add_argument("--grace", type=int, default=None, help="seconds without a heartbeat after "
+                   "which a worker's trial is retried (default 3 heartbeats)")
+    add_recipe_flags(h)
+    h.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    h.set_defaults(func=cmd_hpo)
     return p
 
 
