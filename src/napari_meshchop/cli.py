@@ -184,6 +184,17 @@ def add_recipe_flags(t: argparse.ArgumentParser) -> None:
                    help="network grid N^3 for ras-minmax (default 256)")
 
 
+def add_heartbeat_flags(p: argparse.ArgumentParser, unit: str, prefix: str = "") -> None:
+    """How a shared study tells a dead worker (engine.py), for `experiment` and `hpo`."""
+    from .engine import GRACE_BEATS, HEARTBEAT
+
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT, help=f"{prefix}seconds "
+                   f"between a worker's heartbeats (default {HEARTBEAT})")
+    p.add_argument("--grace", type=int, default=None, help=f"{prefix}seconds without a "
+                   f"heartbeat after which a worker's {unit} is retried (default "
+                   f"{GRACE_BEATS} heartbeats)")
+
+
 def cmd_train(args) -> int:
     from . import train
 
@@ -620,10 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "same command (see docs/hpo.md)")
     x.add_argument("--study", default="meshchop-experiment",
                    help="study name with --storage (default meshchop-experiment)")
-    x.add_argument("--heartbeat", type=int, default=60, help="with --storage: seconds "
-                   "between a worker's heartbeats (default 60)")
-    x.add_argument("--grace", type=int, default=None, help="with --storage: seconds without "
-                   "a heartbeat after which a worker's run is retried (default 3 heartbeats)")
+    add_heartbeat_flags(x, "run", "with --storage: ")
     add_recipe_flags(x)
     x.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     x.set_defaults(func=cmd_experiment)
@@ -663,10 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SHARE", help="OneCycle warm-up shares (default 0.02 0.1 0.2)")
     h.add_argument("--sampler-seed", type=int, default=42,
                    help="TPE's seed, used by the study's first worker (default 42)")
-    h.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's "
-                   "heartbeats (default 60)")
-    h.add_argument("--grace", type=int, default=None, help="seconds without a heartbeat after "
-                   "which a worker's trial is retried (default 3 heartbeats)")
+    add_heartbeat_flags(h, "trial")
     add_recipe_flags(h)
     h.add_argument("-q", "--quiet", action="store_true", help="no progress")
     h.set_defaults(func=cmd_hpo)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import files
 from .errors import Cancelled, MeshchopError
-from .events import Progress, StopFlag, check_stop
+from .events import Progress, StopFlag, check_stop, run
 from .metrics import METRICS, confusion, scores, summarize
 
 THRESHOLD = 0.5
@@ -78,9 +78,10 @@ def predict_mask(predictor, image: np.ndarray, stop: StopFlag = None
 
 
 def voxel_ml(affine: np.ndarray | None) -> float:
-    if affine is None:
-        return 0.001
-    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    """The volume of a voxel of the grid in mL; 1 mm^3 when the grid is unknown."""
+    from .inference import voxel_volume_ml
+
+    return 0.001 if affine is None else voxel_volume_ml(affine)
 
 
 def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
@@ -99,7 +100,9 @@ def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
         try:
             subject = item() if callable(item) else item
             name, acquisition = subject.id, subject.acquisition
-            mask = yield from _quietly(predict_mask(predictor, subject.image, stop))
+            # Run the prediction without its per-layer progress, which would drown the
+            # per-subject progress; its stop checks still raise Cancelled.
+            mask = run(predict_mask(predictor, subject.image, stop))
             counts = confusion(mask, subject.truth, voxel_ml(subject.affine))
             saved = None
             if out is not None and subject.affine is not None:
@@ -118,18 +121,6 @@ def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
         yield record
         yield Progress("evaluate", index + 1, total, name)
     return results
-
-
-def _quietly(job):
-    """Run a sub-job, passing through nothing but its stop checks (its per-layer
-    progress would drown the per-subject progress)."""
-    while True:
-        try:
-            next(job)
-        except StopIteration as finished:
-            return finished.value
-        if False:  # pragma: no cover - makes this a generator
-            yield
 
 
 def save_prediction(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
