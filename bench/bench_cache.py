@@ -32,9 +32,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from napari_meshchop import cache, files
-from napari_meshchop.manifest import Manifest, Pair
-from napari_meshchop.preprocess import PreprocessSpec
+from napari_meshchop import files
+from napari_meshchop.data import cache
+from napari_meshchop.data.manifest import Manifest, Pair
+from napari_meshchop.imaging.preprocess import PreprocessSpec
 
 SHAPE = (192, 256, 176)
 ZOOMS = (1.0, 0.9375, 1.2)

@@ -71,7 +71,7 @@ def _worker(src: str, dst: str, repeats: int) -> None:
     """Child process: time load + conform + save; print JSON with times and RSS."""
     import nibabel as nib
 
-    from napari_meshchop.conform import conform
+    from napari_meshchop.imaging.conform import conform
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []

@@ -40,9 +40,9 @@ class Cohort:
     """What ``evaluate.dataset_subjects`` needs of a dataset: pairs and their cache."""
 
     def __init__(self, folder: Path, n: int):
-        from napari_meshchop.cache import PairCache
-        from napari_meshchop.manifest import Pair
-        from napari_meshchop.preprocess import PreprocessSpec
+        from napari_meshchop.data.cache import PairCache
+        from napari_meshchop.data.manifest import Pair
+        from napari_meshchop.imaging.preprocess import PreprocessSpec
 
         self.pairs = [Pair(f"sub-B{i:03d}", "ses-1", "space_2x", None, f"{i}.nii.gz",
                            f"{i}_mask.nii.gz", f"{i:064x}", f"{i + 1000:064x}", 0, 0,
@@ -55,7 +55,7 @@ class Cohort:
 
 def write_cohort(folder: Path, n: int) -> None:
     """``n`` head-like 256^3 images with a lesion blob each, stored in the pair cache."""
-    from napari_meshchop.cache import Conformed
+    from napari_meshchop.data.cache import Conformed
 
     cohort = Cohort(folder, n)
     axis = np.linspace(-1, 1, SIZE, dtype=np.float32)
@@ -75,8 +75,8 @@ def write_cohort(folder: Path, n: int) -> None:
 def predictor():
     import torch
 
-    from napari_meshchop.inference import FusedMeshNet
-    from napari_meshchop.model import Architecture, MeshNet
+    from napari_meshchop.network.inference import FusedMeshNet
+    from napari_meshchop.network.model import Architecture, MeshNet
 
     torch.manual_seed(0)
     # One layer of 2 channels: oneDNN takes ~8 s per 256^3 layer here even this narrow.
@@ -84,8 +84,9 @@ def predictor():
 
 
 def worker(mode: str, folder: Path, n: int) -> dict:
-    from napari_meshchop import evaluate, events
-    from napari_meshchop.metrics import confusion
+    from napari_meshchop import events
+    from napari_meshchop.evaluation import evaluate
+    from napari_meshchop.evaluation.metrics import confusion
 
     cohort, fused = Cohort(folder, n), predictor()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

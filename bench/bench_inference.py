@@ -36,8 +36,8 @@ def worker(path: str, size: int) -> dict:
     import numpy as np
     import torch
 
-    from napari_meshchop.inference import FusedMeshNet
-    from napari_meshchop.model import MeshNet
+    from napari_meshchop.network.inference import FusedMeshNet
+    from napari_meshchop.network.model import MeshNet
 
     torch.manual_seed(0)
     volume = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)

@@ -33,7 +33,7 @@ MODES = ("plain", "lean", "checkpoint")
 def _setup(size: int, channels: int, device: str):
     import torch
 
-    from napari_meshchop.model import Architecture, MeshNet
+    from napari_meshchop.network.model import Architecture, MeshNet
 
     torch.manual_seed(0)
     model = MeshNet(Architecture(channels=channels)).train().to(device)
@@ -47,7 +47,7 @@ def _setup(size: int, channels: int, device: str):
 def _step(mode, model, opt, loss_fn, x, y, device) -> float:
     import torch
 
-    from napari_meshchop import train
+    from napari_meshchop.training import loop as train
 
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
@@ -61,7 +61,7 @@ def _step(mode, model, opt, loss_fn, x, y, device) -> float:
 def measure(mode: str, size: int, channels: int, device: str, rounds: int) -> dict:
     import torch
 
-    from napari_meshchop import lean
+    from napari_meshchop.training import lean
 
     if mode == "lean":
         lean.return_freed_memory()

@@ -88,9 +88,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A small untrained MeshNet on a 32^3 grid: fast, deterministic, real code paths."""
     import torch
 
-    from napari_meshchop import checkpoint
-    from napari_meshchop.model import Architecture, MeshNet
-    from napari_meshchop.preprocess import PreprocessSpec
+    from napari_meshchop.imaging.preprocess import PreprocessSpec
+    from napari_meshchop.network import checkpoint
+    from napari_meshchop.network.model import Architecture, MeshNet
 
     torch.manual_seed(0)
     model = MeshNet(Architecture(channels=4, dilations=(1, 2, 4, 2, 1)))
@@ -110,7 +110,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def _replica_cohort(tmp_path_factory):
     import arc_replica
 
-    from napari_meshchop import arc, events, folds
+    from napari_meshchop import events
+    from napari_meshchop.data import arc, folds
 
     replica = arc_replica.build(tmp_path_factory.mktemp("replica"))
     folder = tmp_path_factory.mktemp("cohort") / "arc"

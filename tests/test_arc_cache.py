@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meshchop import arc, cache, events, folds, manifest
+from napari_meshchop import events
+from napari_meshchop.data import arc, cache, folds, manifest
 from napari_meshchop.errors import Cancelled, MeshchopError
-from napari_meshchop.preprocess import PreprocessSpec, prepare, prepare_mask
+from napari_meshchop.imaging.preprocess import PreprocessSpec, prepare, prepare_mask
 
 SMALL = PreprocessSpec("ras-minmax", shape=(32, 32, 32))
 

@@ -13,7 +13,8 @@ import arc_replica
 import numpy as np
 import pytest
 
-from napari_meshchop import arc, cli, events, files, manifest
+from napari_meshchop import cli, events, files
+from napari_meshchop.data import arc, manifest
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,8 @@ def test_stop_flag_leaves_complete_files_and_resume_finishes(replica, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from napari_meshchop import cli, files
+from napari_meshchop import cli
+from napari_meshchop import files
 real, calls = files.write_bytes, []
 def dying_write(path, data):
     if str(path).endswith(".nii.gz"):

@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from napari_meshchop import folds, manifest
+from napari_meshchop.data import folds, manifest
+from napari_meshchop.data.manifest import Manifest, Pair
 from napari_meshchop.errors import InputError, MeshchopError
-from napari_meshchop.manifest import Manifest, Pair
 
 EDGES = folds.BIN_EDGES
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import arc_replica
 import pytest
 
-from napari_meshchop import files, manifest
-from napari_meshchop._download_widget import DownloadWidget
+from napari_meshchop import files
+from napari_meshchop.data import manifest
+from napari_meshchop.plugin.widgets.download import DownloadWidget
 
 
 @pytest.fixture(autouse=True)

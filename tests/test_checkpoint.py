@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import ARC_CHECKPOINT, SAMPLE_SCAN
 
-from napari_meshchop import checkpoint
 from napari_meshchop.errors import InputError
 from napari_meshchop.events import run
-from napari_meshchop.inference import FusedMeshNet
-from napari_meshchop.model import Architecture
-from napari_meshchop.preprocess import PreprocessSpec, prepare
+from napari_meshchop.imaging.preprocess import PreprocessSpec, prepare
+from napari_meshchop.network import checkpoint
+from napari_meshchop.network.inference import FusedMeshNet
+from napari_meshchop.network.model import Architecture
 
 
 def test_round_trip_loads_without_running_code(tiny_checkpoint, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SAMPLE_SCAN, phantom
 
-from napari_meshchop import registry
 from napari_meshchop.cli import main
 from napari_meshchop.errors import InputError, MeshchopError
+from napari_meshchop.network import registry
 
 
 def _nifti(path, data, affine=np.eye(4)):
@@ -134,7 +134,7 @@ def test_fetch_and_models_commands(real_data, capsys):
 def test_convert_writes_our_format(real_data, tmp_path, capsys):
     from conftest import ARC_CHECKPOINT
 
-    from napari_meshchop import checkpoint
+    from napari_meshchop.network import checkpoint
 
     out = tmp_path / "meshnet26.pt"
     assert main(["convert", str(ARC_CHECKPOINT), str(out)]) == 0

@@ -22,8 +22,8 @@ import pytest
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
-from napari_meshchop import conform as cf
-from napari_meshchop.geometry import resample
+from napari_meshchop.imaging import conform as cf
+from napari_meshchop.imaging.geometry import resample
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

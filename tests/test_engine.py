@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from napari_meshchop import engine, events
+from napari_meshchop import events
+from napari_meshchop.studies import engine
 
 POSTGRES = "MESHCHOP_TEST_POSTGRES"
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from napari_meshchop import engine, events
+    from napari_meshchop.studies import engine
+    from napari_meshchop import events
 
     where, name, n, log, barrier, slow = sys.argv[1:7]
     log, pid = Path(log), os.getpid()
@@ -230,7 +232,7 @@ def test_storage_names_its_problems(tmp_path):
 def test_experiment_runs_shared_by_two_workers_are_each_done_once(postgres_url, tmp_path):
     import arc_replica
 
-    from napari_meshchop import arc, folds
+    from napari_meshchop.data import arc, folds
 
     replica = arc_replica.build(tmp_path / "replica")
     data = tmp_path / "arc"

@@ -13,15 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meshchop import cli, evaluate, events, folds, manifest
-from napari_meshchop import checkpoint as ckpt_io
-from napari_meshchop.cache import ArcDataset, PairCache
+from napari_meshchop import cli, events
+from napari_meshchop.data import folds, manifest
+from napari_meshchop.data.cache import ArcDataset, PairCache
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
-from napari_meshchop.evaluate import Subject, SubjectResult, evaluate_subjects
-from napari_meshchop.inference import FusedMeshNet
-from napari_meshchop.metrics import METRICS, confusion, scores
-from napari_meshchop.model import Architecture, MeshNet
-from napari_meshchop.preprocess import PreprocessSpec
+from napari_meshchop.evaluation import evaluate
+from napari_meshchop.evaluation.evaluate import (
+    Subject,
+    SubjectResult,
+    evaluate_subjects,
+)
+from napari_meshchop.evaluation.metrics import METRICS, confusion, scores
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network import checkpoint as ckpt_io
+from napari_meshchop.network.inference import FusedMeshNet
+from napari_meshchop.network.model import Architecture, MeshNet
 
 
 class Threshold:

@@ -15,15 +15,18 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QTableWidget
 
-from napari_meshchop import checkpoint, evaluate, events, folds, manifest
-from napari_meshchop._evaluate_widget import (
+from napari_meshchop import events
+from napari_meshchop.data import folds, manifest
+from napari_meshchop.evaluation import evaluate
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network import checkpoint
+from napari_meshchop.network.model import Architecture, MeshNet
+from napari_meshchop.plugin.widgets.evaluate import (
     CHECKPOINTS,
     COLUMNS,
     EvaluateWidget,
     NumberItem,
 )
-from napari_meshchop.model import Architecture, MeshNet
-from napari_meshchop.preprocess import PreprocessSpec
 
 KEYS = [key for _, key, _ in COLUMNS]
 
@@ -163,7 +166,7 @@ def assert_aligned(viewer, record):
 
 
 def _matrix(layer):
-    from napari_meshchop.layers import data_to_world
+    from napari_meshchop.plugin.layers import data_to_world
 
     return data_to_world(layer.scale, layer.translate, layer.rotate, layer.shear)
 

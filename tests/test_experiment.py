@@ -18,10 +18,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from napari_meshchop import arc, cli, evaluate, events, experiment, folds, report, train
+from napari_meshchop import cli, events
+from napari_meshchop.data import arc, folds
 from napari_meshchop.errors import Cancelled, InputError
-from napari_meshchop.evaluate import SubjectResult
-from napari_meshchop.train import TrainConfig
+from napari_meshchop.evaluation import evaluate, report
+from napari_meshchop.evaluation.evaluate import SubjectResult
+from napari_meshchop.studies import experiment
+from napari_meshchop.training import loop as train
+from napari_meshchop.training.loop import TrainConfig
 
 RECIPE = ["--restarts", "2", "--epochs", "2", "--channels", "2", "--preprocess", "ras-minmax",
           "--shape", "16", "--device", "cpu"]

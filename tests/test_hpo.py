@@ -12,7 +12,9 @@ import time
 import optuna
 import pytest
 
-from napari_meshchop import cli, engine, events, hpo, train
+from napari_meshchop import cli, events
+from napari_meshchop.studies import engine, hpo
+from napari_meshchop.training import loop as train
 
 
 def tiny(data, out, *more):

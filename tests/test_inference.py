@@ -6,12 +6,18 @@ import pytest
 import torch
 from conftest import oblique_affine, phantom
 
-from napari_meshchop import checkpoint
 from napari_meshchop.errors import Cancelled, MeshchopError
 from napari_meshchop.events import Progress, run
-from napari_meshchop.inference import (FusedMeshNet, _conv_relu_in_slabs, available_devices,
-                                       resolve_device, segment, segment_file)
-from napari_meshchop.nifti import load_volume
+from napari_meshchop.imaging.nifti import load_volume
+from napari_meshchop.network import checkpoint
+from napari_meshchop.network.inference import (
+    FusedMeshNet,
+    _conv_relu_in_slabs,
+    available_devices,
+    resolve_device,
+    segment,
+    segment_file,
+)
 
 
 def _probability(fused, volume):
@@ -99,8 +105,8 @@ def test_devices():
 
 def _tiny(tmp_path, seed, shape=(32, 32, 32), channels=3):
     torch.manual_seed(seed)
-    from napari_meshchop.model import Architecture, MeshNet
-    from napari_meshchop.preprocess import PreprocessSpec
+    from napari_meshchop.imaging.preprocess import PreprocessSpec
+    from napari_meshchop.network.model import Architecture, MeshNet
 
     model = MeshNet(Architecture(channels=channels, dilations=(1, 2, 1)))
     ckpt = checkpoint.from_model(model.eval(), PreprocessSpec("ras-minmax", shape=shape))
@@ -108,7 +114,7 @@ def _tiny(tmp_path, seed, shape=(32, 32, 32), channels=3):
 
 
 def test_ensemble_probability_is_the_mean_of_its_members(tiny_checkpoint, tmp_path):
-    from napari_meshchop.inference import Ensemble, load_predictor
+    from napari_meshchop.network.inference import Ensemble, load_predictor
 
     other = _tiny(tmp_path, 1)
     volume = np.random.default_rng(2).random((12, 10, 9), dtype=np.float32)
@@ -132,7 +138,7 @@ def test_ensemble_probability_is_the_mean_of_its_members(tiny_checkpoint, tmp_pa
 
 
 def test_ensemble_refuses_models_on_different_grids(tiny_checkpoint, tmp_path):
-    from napari_meshchop.inference import load_predictor
+    from napari_meshchop.network.inference import load_predictor
 
     other = _tiny(tmp_path, 1, shape=(24, 24, 24))
     with pytest.raises(MeshchopError, match=r"seed1-24.pt: its preprocessing \(ras-minmax, "

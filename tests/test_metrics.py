@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from napari_meshchop.evaluate import voxel_ml
-from napari_meshchop.metrics import METRICS, Counts, confusion, dice, scores, summarize
+from napari_meshchop.evaluation.evaluate import voxel_ml
+from napari_meshchop.evaluation.metrics import (
+    METRICS,
+    Counts,
+    confusion,
+    dice,
+    scores,
+    summarize,
+)
 
 
 def _masks(shape, seed, p_pred=0.3, p_true=0.2):

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from napari_meshchop.model import (BRAINCHOP_DILATIONS, PAPER_DILATIONS, Architecture, MeshNet,
-                                   count_parameters)
+from napari_meshchop.network.model import (
+    BRAINCHOP_DILATIONS,
+    PAPER_DILATIONS,
+    Architecture,
+    MeshNet,
+    count_parameters,
+)
 
 
 @pytest.mark.parametrize("preset, expected", [("meshnet-5", 5_682), ("meshnet-16", 56_194),

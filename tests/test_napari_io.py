@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import oriented_affine
 
-from napari_meshchop import layers
-from napari_meshchop._reader import napari_get_reader, read_layer
-from napari_meshchop._writer import write_image, write_labels
 from napari_meshchop.errors import InputError, MeshchopError
+from napari_meshchop.plugin import layers
+from napari_meshchop.plugin.reader import napari_get_reader, read_layer
+from napari_meshchop.plugin.writer import write_image, write_labels
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = SHARED_DATA / "sub-M2265_T2w.nii.gz"
@@ -196,7 +196,7 @@ def test_manifest_reader_writer_and_sample(make_napari_viewer, tmp_path):
 
 
 def test_sample_is_verified_like_the_weights(monkeypatch, tmp_path):
-    from napari_meshchop._sample_data import arc_stroke_t2w
+    from napari_meshchop.plugin.sample_data import arc_stroke_t2w
 
     (tmp_path / "sub-M2265_T2w.nii.gz").write_bytes(b"tampered")
     monkeypatch.setenv("MESHCHOP_MIRROR", str(tmp_path))

@@ -8,8 +8,8 @@ import pytest
 from conftest import oriented_affine
 from nibabel.orientations import aff2axcodes, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from napari_meshchop import layers
 from napari_meshchop.errors import InputError
+from napari_meshchop.plugin import layers
 
 
 def _affine(codes, zooms=(1.0, 1.0, 1.0), degrees=0.0, origin=(0.0, 0.0, 0.0)):

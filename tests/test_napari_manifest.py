@@ -47,7 +47,7 @@ def test_dash_w_opens_the_widgets(make_napari_viewer):
     """What ``napari -w napari-meshchop [__all__]`` does once the viewer is up."""
     from napari.plugins import _npe2
 
-    from napari_meshchop._segment_widget import SegmentWidget
+    from napari_meshchop.plugin.widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()  # napari discovers the plugins here
     assert _npe2.get_widget_contribution("napari-meshchop")  # -w stops early without one

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meshchop import checkpoint, layers
-from napari_meshchop._reader import read_layer
-from napari_meshchop._segment_widget import CHECKPOINT, SegmentWidget
-from napari_meshchop.model import Architecture, MeshNet
-from napari_meshchop.preprocess import PreprocessSpec
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network import checkpoint
+from napari_meshchop.network.model import Architecture, MeshNet
+from napari_meshchop.plugin import layers
+from napari_meshchop.plugin.reader import read_layer
+from napari_meshchop.plugin.widgets.segment import CHECKPOINT, SegmentWidget
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRANSFORM = ("scale", "translate", "rotate", "shear")
@@ -65,8 +66,8 @@ def _run(qtbot, widget, timeout_s=60):
 
 def _errors(monkeypatch):
     """Collect the error notifications: the widget's own and those of failed workers."""
-    import napari_meshchop._feedback as feedback
-    import napari_meshchop._segment_widget as module
+    import napari_meshchop.plugin.widgets.feedback as feedback
+    import napari_meshchop.plugin.widgets.segment as module
 
     shown: list[str] = []
     monkeypatch.setattr(module, "show_error", shown.append)
@@ -280,9 +281,9 @@ def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_p
 
 def test_an_ensemble_of_checkpoints_segments_like_the_core(
         make_napari_viewer, qtbot, tiny_model, tmp_path, monkeypatch):
-    from napari_meshchop._segment_widget import ENSEMBLE, Source
     from napari_meshchop.events import run
-    from napari_meshchop.inference import segment
+    from napari_meshchop.network.inference import segment
+    from napari_meshchop.plugin.widgets.segment import ENSEMBLE, Source
 
     torch.manual_seed(1)
     other = checkpoint.from_model(MeshNet(Architecture(channels=3, dilations=(1, 2, 1))).eval(),

@@ -4,9 +4,14 @@ import pytest
 from conftest import oblique_affine, phantom
 from scipy import ndimage
 
-from napari_meshchop.conform import conformed_affine
-from napari_meshchop.preprocess import (PreprocessSpec, network_grid, prepare, prepare_mask,
-                                        to_source)
+from napari_meshchop.imaging.conform import conformed_affine
+from napari_meshchop.imaging.preprocess import (
+    PreprocessSpec,
+    network_grid,
+    prepare,
+    prepare_mask,
+    to_source,
+)
 
 
 def arc_meshchop_reference(img: nib.Nifti1Image, shape) -> np.ndarray:
@@ -95,7 +100,7 @@ def test_spec_validation_and_round_trip():
 
 
 def test_conform_masks_land_on_their_image_grid():
-    from napari_meshchop.conform import conform_mask
+    from napari_meshchop.imaging.conform import conform_mask
 
     img = nib.Nifti1Image(phantom(), oblique_affine())
     lesion = (phantom(seed=3) < 50).astype(np.uint8)

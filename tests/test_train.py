@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meshchop import checkpoint as ckpt_io
-from napari_meshchop import events, lean, train
+from napari_meshchop import events
 from napari_meshchop.errors import MeshchopError
-from napari_meshchop.model import Architecture, MeshNet
+from napari_meshchop.network import checkpoint as ckpt_io
+from napari_meshchop.network.model import Architecture, MeshNet
+from napari_meshchop.training import lean
+from napari_meshchop.training import loop as train
 
 TINY = {"channels": 4, "dilations": (1, 2, 1), "seed": 3, "device": "cpu",
         "preprocess": {"name": "ras-minmax", "shape": [16, 16, 16], "voxel_size": 1.0}}

@@ -6,8 +6,9 @@ import json
 
 import nibabel as nib
 
-from napari_meshchop import cli, folds, manifest
-from napari_meshchop import checkpoint as ckpt_io
+from napari_meshchop import cli
+from napari_meshchop.data import folds, manifest
+from napari_meshchop.network import checkpoint as ckpt_io
 
 
 def args(data, out, *more):

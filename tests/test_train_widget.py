@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from napari_meshchop import folds
-from napari_meshchop import checkpoint as ckpt_io
-from napari_meshchop._segment_widget import CHECKPOINT
+from napari_meshchop.data import folds
+from napari_meshchop.network import checkpoint as ckpt_io
+from napari_meshchop.plugin.widgets.segment import CHECKPOINT
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import Cancelled
+from napari_meshchop.errors import Cancelled
 
 T = TypeVar("T")
 

@@ -56,7 +56,7 @@ def read_json(folder: str | os.PathLike, name: str, fmt: str, what: str,
     Raises InputError naming the file when it is absent (``missing`` says what to do),
     unreadable, or of another format.
     """
-    from .errors import InputError
+    from napari_meshchop.errors import InputError
 
     where = Path(folder)
     where = where if where.suffix == ".json" else where / name
@@ -106,7 +106,7 @@ def sweep_partials(folder: str | os.PathLike, older_than: float = 0.0) -> list[P
 @contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold ``folder/.lock`` while the block runs; raise if another process holds it."""
-    from .errors import MeshchopError
+    from napari_meshchop.errors import MeshchopError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,7 @@
+"""``python -m napari_meshchop.cli``: the same as the ``meshchop`` command."""
+
+import sys
+
+from napari_meshchop.cli import main
+
+sys.exit(main())

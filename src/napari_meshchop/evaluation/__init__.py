@@ -1,0 +1,1 @@
+"""Scoring predictions: metrics from voxel counts, the one streaming evaluation core, reports."""

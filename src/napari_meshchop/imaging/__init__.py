@@ -1,0 +1,1 @@
+"""Images on grids: NIfTI input and output, resampling, conform, the network's preprocessing."""

@@ -1,0 +1,115 @@
+"""The one preprocessing entry point: MRI volume -> network input, and back.
+
+A checkpoint names the preprocessing it was trained with (a :class:`PreprocessSpec`);
+inference applies exactly that one. Two are known:
+
+``conform``
+    FreeSurfer's ``mri_convert --conform`` (256^3, 1 mm, LIA, robust 0-255 with the
+    upper bound at the 99.9th percentile), then divided by 255. The paper's recipe.
+``ras-minmax``
+    What arc-meshchop trains with: reorient to RAS+, zoom to 1 mm (scipy's
+    corner-aligned ``zoom``), centre crop or pad to 256^3 in voxel space, then
+    min-max scale the whole volume to [0, 1].
+
+Both are a resampling onto a *network grid* (an affine and a shape) plus an
+intensity rule, so masks follow the image onto the same grid and predictions go
+back to the input's grid through the same affines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+
+from napari_meshchop.imaging import conform as _conform
+from napari_meshchop.imaging.geometry import resample
+
+KNOWN = ("conform", "ras-minmax")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    name: str = "conform"
+    shape: tuple[int, int, int] = (256, 256, 256)
+    voxel_size: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.name not in KNOWN:
+            raise ValueError(f"unknown preprocessing {self.name!r}; known: {', '.join(KNOWN)}")
+        if self.name == "conform" and (self.shape != (256,) * 3 or self.voxel_size != 1.0):
+            raise ValueError("conform is defined for 256^3 at 1 mm only")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessSpec:
+        return cls(**d)
+
+
+@dataclass
+class Prepared:
+    """A volume on the network grid, with what is needed to map results back."""
+
+    volume: np.ndarray  # float32 in [0, 1], shape spec.shape
+    affine: np.ndarray  # voxel -> world of the network grid
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+
+
+def network_grid(affine: np.ndarray, shape: tuple[int, ...], spec: PreprocessSpec) -> np.ndarray:
+    """The world affine of the grid the network sees for an input on ``affine``/``shape``."""
+    if spec.name == "conform":
+        return _conform.conformed_affine(affine, shape[:3])
+    # ras-minmax: the RAS+ reorientation is a voxel permutation and flip; zoom aligns
+    # the first and last voxel centres; the crop or pad then shifts by whole voxels.
+    ornt = nib.orientations.io_orientation(affine)
+    ras_shape = np.array(shape[:3])[ornt[:, 0].astype(int).argsort()]
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape[:3])
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    zoomed = np.round(ras_shape * spacing / spec.voxel_size).astype(int)
+    step = (ras_shape - 1) / np.maximum(zoomed - 1, 1)
+    target = np.array(spec.shape)
+    # Where crop starts (>0) or where the data lands after padding (<0), in zoomed voxels.
+    start = np.where(zoomed > target, (zoomed - target) // 2, -((target - zoomed) // 2))
+    zoom_to_source = np.diag([*step, 1.0])
+    crop = np.eye(4)
+    crop[:3, 3] = start
+    return ras_affine @ zoom_to_source @ crop
+
+
+def prepare(img: nib.Nifti1Image, spec: PreprocessSpec) -> Prepared:
+    """Resample ``img`` onto the network grid and scale it to [0, 1]."""
+    if spec.name == "conform":
+        conformed = _conform.conform(img)
+        volume = np.asarray(conformed.dataobj, dtype=np.float32) / np.float32(255)
+        grid = conformed.affine
+    else:
+        grid = network_grid(img.affine, img.shape, spec)
+        volume = resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, grid,
+                          spec.shape, order=1)
+        lo, hi = float(volume.min()), float(volume.max())
+        volume -= lo
+        volume /= max(hi - lo, 1e-8)
+    return Prepared(volume, grid, np.asarray(img.affine), tuple(img.shape[:3]))
+
+
+def prepare_mask(mask: nib.Nifti1Image, like: nib.Nifti1Image, spec: PreprocessSpec) -> np.ndarray:
+    """A lesion mask onto the network grid of its image ``like``: > 0, then nearest neighbour.
+
+    Binarising first keeps a lesion stored with an odd scl_slope (1/255, say) intact.
+    """
+    grid = network_grid(like.affine, like.shape, spec)
+    lesion = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    return resample(lesion, mask.affine, grid, spec.shape, order=0, output=np.uint8)
+
+
+def to_source(values: np.ndarray, prepared: Prepared, order: int = 1) -> np.ndarray:
+    """Bring a network-grid volume (a lesion probability) back onto the input's grid."""
+    return resample(values, prepared.affine, prepared.source_affine, prepared.source_shape,
+                    order=order)

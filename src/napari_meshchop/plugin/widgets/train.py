@@ -1,0 +1,323 @@
+"""The Train widget: a fold, a width, epochs, a device; Start becomes Stop; a live plot.
+
+It runs :func:`train.train` (the generator the CLI drives) in a thread worker. The worker
+never touches a widget or a layer: events arrive in ``yielded`` and the result in
+``returned``, on the main thread, where the bars and the plot are updated. When a run
+ends or stops, its checkpoint is offered to the Segment widget.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    Table,
+)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+
+from napari_meshchop.errors import MeshchopError
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network.inference import available_devices
+from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.studies import engine, hpo
+from napari_meshchop.training import loop as train
+
+if TYPE_CHECKING:
+    import napari
+
+
+
+class LossPlot:
+    """Training loss per step and validation Dice per epoch, in a matplotlib canvas."""
+
+    def __init__(self):
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.loss_axes = self.figure.add_subplot(111)
+        self.dice_axes = self.loss_axes.twinx()
+        self.loss_axes.set_xlabel("step")
+        self.loss_axes.set_ylabel("loss")
+        self.dice_axes.set_ylabel("val Dice")
+        self.dice_axes.set_ylim(0, 1)
+        (self.loss_line,) = self.loss_axes.plot([], [], lw=1, color="tab:blue")
+        (self.dice_line,) = self.dice_axes.plot([], [], "o-", color="tab:orange")
+        self.clear()
+
+    def clear(self) -> None:
+        self.steps, self.losses, self.epoch_steps, self.dices = [], [], [], []
+        self._update()
+
+    def add_step(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def add_epoch(self, step: int, val_dice: float | None) -> None:
+        if val_dice is not None:
+            self.epoch_steps.append(step)
+            self.dices.append(val_dice)
+        self._update()
+
+    def _update(self) -> None:
+        self.loss_line.set_data(self.steps, self.losses)
+        self.dice_line.set_data(self.epoch_steps, self.dices)
+        self.loss_axes.relim()
+        self.loss_axes.autoscale_view()
+        self.canvas.draw_idle()
+
+
+class TrainWidget(Container):
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=False)
+        self._viewer = viewer
+        self.worker = None
+        self._stop = threading.Event()
+        self.result: train.TrainResult | None = None
+        d = train.TrainConfig()
+        self._data = FileEdit(label="Data folder", mode="d", value="data/arc")
+        self._outer = SpinBox(label="Outer fold", min=0, max=9, value=0)
+        self._inner = SpinBox(label="Inner fold", min=0, max=9, value=0)
+        self._full = CheckBox(text="Train on the full outer fold (no validation)")
+        self._channels = SpinBox(label="Model width", min=1, max=256, value=d.channels,
+                                 tooltip="channels per block: 5, 16, 26 or any")
+        self._epochs = SpinBox(label="Epochs", min=1, max=10_000, value=d.epochs)
+        self._device = ComboBox(label="Device", choices=available_devices())
+        self._out = FileEdit(label="Run folder", mode="d", value="runs/meshnet")
+        self._resume = CheckBox(text="Resume the run in this folder")
+        self._advanced = CheckBox(text="Advanced")
+        self._lr = FloatSpinBox(label="Learning rate", min=1e-6, max=1.0, step=1e-4,
+                                value=d.lr)
+        self._weight_decay = FloatSpinBox(label="Weight decay", min=0, max=1, step=1e-5,
+                                          value=d.weight_decay)
+        self._smoothing = FloatSpinBox(label="Label smoothing", min=0, max=0.5, step=0.01,
+                                       value=d.label_smoothing)
+        self._seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=d.seed)
+        self._crop = SpinBox(label="Crop (0: whole)", min=0, max=512, value=0)
+        self._preprocess = ComboBox(label="Preprocessing", choices=["conform", "ras-minmax"])
+        self._shape = SpinBox(label="Grid (ras-minmax)", min=8, max=512, value=256)
+        self._checkpointing = ComboBox(label="Act. checkpointing", choices=["auto", "on", "off"])
+        advanced = Container(widgets=[self._lr, self._weight_decay, self._smoothing,
+                                      self._seed, self._crop, self._preprocess, self._shape,
+                                      self._checkpointing], labels=True, visible=False)
+        self._advanced_box = advanced
+        inputs = Container(widgets=[self._data, self._outer, self._inner, self._channels,
+                                    self._epochs, self._device, self._out], labels=True)
+        self._start = PushButton(text="Start")
+        self._epoch_bar = ProgressBar(label="Epochs", min=0, max=1, value=0)
+        self._step_bar = ProgressBar(label="Steps", min=0, max=1, value=0)
+        self._status = Label(value="")
+        self.plot = LossPlot()
+        self.extend([inputs, self._full, self._resume, self._advanced, advanced, self._start,
+                     Container(widgets=[self._epoch_bar, self._step_bar], labels=True),
+                     self._status])
+        self.native.layout().addWidget(self.plot.canvas)
+        self.search = SearchSection(self)
+        self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
+        self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
+        self.extend([self._search_box, self.search])
+        self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
+        self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
+        self._start.clicked.connect(self.toggle)
+
+    def config(self) -> train.TrainConfig:
+        shape = (self._shape.value,) * 3 if self._preprocess.value == "ras-minmax" else None
+        spec = PreprocessSpec(self._preprocess.value, **({"shape": shape} if shape else {}))
+        return train.TrainConfig(
+            channels=self._channels.value, epochs=self._epochs.value, lr=self._lr.value,
+            weight_decay=self._weight_decay.value, label_smoothing=self._smoothing.value,
+            seed=self._seed.value, device=self._device.value, crop=self._crop.value or None,
+            activation_checkpointing=self._checkpointing.value, preprocess=spec.to_dict(),
+            data_dir=str(self._data.value), outer_fold=self._outer.value,
+            inner_fold=None if self._full.value else self._inner.value,
+            full_outer=self._full.value)
+
+    def toggle(self) -> None:
+        """Start, or, while running, Stop (after the current step, leaving a checkpoint)."""
+        if self.worker is None:
+            if self.search.worker is not None:
+                show_error("A hyperparameter search is running; stop it first.")
+                return
+            self.start()
+        else:
+            self.stop()
+
+    def start(self) -> None:
+        try:
+            config = self.config()
+        except (MeshchopError, ValueError) as exc:
+            show_error(str(exc))
+            return
+        self._stop = threading.Event()
+        self.result = None
+        self.plot.clear()
+        self._epoch_bar.max = config.epochs
+        self._epoch_bar.value = 0
+        self.worker = create_worker(
+            train.train, config, Path(self._out.value), self._resume.value, self._stop,
+            _start_thread=False,
+            _connect={"yielded": self._on_event, "returned": self._on_result,
+                      "errored": self._on_error, "finished": self._on_finished})
+        self._start.text = "Stop"
+        self._status.value = "Training..."
+        self.worker.start()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self._stop.set()
+            self._status.value = "Stopping after this step..."
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, train.Step):
+            self._step_bar.max = max(event.total, 1)
+            self._step_bar.value = event.done
+            self.plot.add_step(event.done, event.loss)
+            self._status.value = f"{event.message}: loss {event.loss:.4f}"
+        elif isinstance(event, train.EpochEnd):
+            self._epoch_bar.max = event.epochs
+            self._epoch_bar.value = event.epoch + 1
+            self.plot.add_epoch(self._step_bar.value, event.val_dice)
+        elif isinstance(event, train.Notice):
+            self._status.value = event.message
+
+    def _on_result(self, result: train.TrainResult) -> None:
+        self.result = result
+        self.plot.add_epoch(result.step, None)
+        self._epoch_bar.value = result.epochs_done
+        verb = "Stopped" if result.stopped else "Finished"
+        self._status.value = f"{verb} after {result.epochs_done} epochs; {result.checkpoint}"
+        from napari_meshchop.plugin.widgets.segment import offer_checkpoint
+
+        offer_checkpoint(self._viewer, result.checkpoint)
+        show_info(f"Training {verb.lower()}; checkpoint {result.checkpoint}")
+
+    def _on_error(self, exc: Exception) -> None:
+        report_error(self._status, "Training", exc)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._start.text = "Start"
+
+
+COLUMNS = ["trial", "state", "mean Dice"]
+
+
+class SearchSection(Container):
+    """ASHA on the inner folds of the Train widget's outer fold, with its recipe
+    (:func:`hpo.search`, what ``meshchop hpo`` runs): trials, storage, study; Start
+    becomes Stop; finished trials are listed as they come, with the best so far."""
+
+    def __init__(self, owner: TrainWidget):
+        super().__init__(labels=False, visible=False)
+        self._owner = owner
+        self.worker = None
+        self._stop = threading.Event()
+        self.result: hpo.SearchResult | None = None
+        space = hpo.Space()
+        self._trials = SpinBox(label="Trials", min=1, max=10_000, value=50)
+        self._min_epochs = SpinBox(label="Min epochs (rung 1)", min=1, max=10_000,
+                                   value=space.min_epochs)
+        self._max_epochs = SpinBox(label="Max epochs", min=1, max=10_000,
+                                   value=space.max_epochs)
+        self._storage = LineEdit(label="Storage", value="",
+                                 tooltip="empty: a journal file in the run folder; or a "
+                                 "database URL that workers on other machines share")
+        self._study = LineEdit(label="Study", value=hpo.STUDY)
+        self._start = PushButton(text="Start search")
+        self._best = Label(value="")
+        self._status = Label(value="")
+        self.rows: list[list] = []  # trial, state, mean Dice: as trials finish
+        self.table = Table(value=[], columns=COLUMNS)
+        self.extend([Container(widgets=[self._trials, self._min_epochs, self._max_epochs,
+                                        self._storage, self._study], labels=True),
+                     self._start, self._status, self._best, self.table])
+        self._start.clicked.connect(self.toggle)
+
+    def toggle(self) -> None:
+        if self.worker is None:
+            if self._owner.worker is not None:
+                show_error("Training is running; stop it first.")
+                return
+            self.start()
+        else:
+            self._stop.set()
+            self._status.value = "Stopping after this step..."
+
+    def start(self) -> None:
+        try:
+            config = self._owner.config()
+            space = hpo.Space(min_epochs=self._min_epochs.value,
+                              max_epochs=self._max_epochs.value)
+        except (MeshchopError, ValueError) as exc:
+            show_error(str(exc))
+            return
+        self._stop = threading.Event()
+        self.result = None
+        self._show_rows([])
+        self.worker = create_worker(
+            hpo.search, config, Path(self._owner._out.value), self._trials.value, space,
+            self._storage.value.strip() or None, self._study.value.strip() or hpo.STUDY,
+            stop=self._stop, _start_thread=False,
+            _connect={"yielded": self._on_event, "returned": self._on_result,
+                      "errored": self._on_error, "finished": self._on_finished})
+        self._start.text = "Stop search"
+        self._status.value = "Searching..."
+        self.worker.start()
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, engine.Claimed):
+            verb = "resumed" if event.resumed else "running"
+            self._status.value = f"Trial {event.number} {verb}"
+        elif isinstance(event, hpo.TrialReport):
+            self._status.value = (f"Trial {event.number}: epoch {event.epoch}/{event.epochs}, "
+                                  f"mean Dice {event.mean:.3f}")
+        elif isinstance(event, engine.Finished):
+            value = "" if event.value is None else f"{event.value:.3f}"
+            self._show_rows([*self.rows, [event.number, event.state.lower(), value]])
+        elif isinstance(event, hpo.Best):
+            shown = {k: v for k, v in event.params.items() if k in hpo.SEARCHED}
+            self._best.value = (f"Best so far: trial {event.trial}, mean Dice "
+                                f"{event.value:.3f}\n" + ", ".join(
+                                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in shown.items()))
+        elif isinstance(event, engine.Waiting):
+            self._status.value = f"Waiting for {event.running} trial(s) on other workers"
+        elif isinstance(event, train.Notice):
+            self._status.value = event.message
+        elif isinstance(event, train.Step):
+            self._owner._step_bar.max = max(event.total, 1)
+            self._owner._step_bar.value = event.done
+
+    def _show_rows(self, rows: list[list]) -> None:
+        self.rows = rows
+        self.table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+
+    def _on_result(self, result: hpo.SearchResult) -> None:
+        self.result = result
+        c = result.counts
+        verb = "Stopped" if result.stopped else "Finished"
+        where = f"; best parameters in {result.best_path}" if result.best_path else ""
+        self._status.value = (f"{verb}: {c.complete} complete, {c.pruned} pruned, "
+                              f"{c.waiting + c.running} to do{where}")
+        show_info(f"Hyperparameter search {verb.lower()}{where}")
+
+    def _on_error(self, exc: Exception) -> None:
+        report_error(self._status, "Hyperparameter search", exc)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._start.text = "Start search"
