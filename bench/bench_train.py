@@ -1,7 +1,7 @@
 """Peak memory and time of one MeshNet training step: plain autograd, lean, checkpoint.
 
 A step is forward, weighted cross-entropy with label smoothing, backward and an AdamW step
-on one ``size``^3 volume (batch 1), through ``train.forward(model, x, mode)``:
+on one ``size``^3 volume (batch 1), through ``forward(model, x, mode)``:
 
 * ``plain``: autograd as usual, float32 (the baseline);
 * ``lean``: one stored activation per block, ReLU outputs recomputed (``lean.py``);
@@ -47,11 +47,11 @@ def _setup(size: int, channels: int, device: str):
 def _step(mode, model, opt, loss_fn, x, y, device) -> float:
     import torch
 
-    from napari_meshchop.training import loop as train
+    from napari_meshchop.training.memory import forward
 
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss_fn(train.forward(model, x, mode), y).backward()
+    loss_fn(forward(model, x, mode), y).backward()
     opt.step()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -181,7 +181,7 @@ def test_cli_writes_json_and_csv_that_agree_with_the_core(data, tiny_checkpoint,
                      "--save-predictions", "-q"]) == 0
     printed = capsys.readouterr().out
     ids = folds.load(data).outer[0].test
-    assert evaluate.fold_ids(data, 0) == ids
+    assert folds.fold_ids(data, 0) == ids
 
     doc = json.loads((out / "results.json").read_text())
     assert doc["format"] == "napari-meshchop-evaluation" and doc["complete"] is True
@@ -223,7 +223,7 @@ def test_cli_reports_a_damaged_subject_in_its_row_and_goes_on(data, tiny_checkpo
                                                               tmp_path, capsys):
     folder = tmp_path / "arc"
     shutil.copytree(data, folder)
-    ids = evaluate.fold_ids(folder, 1, "train")
+    ids = folds.fold_ids(folder, 1, "train")
     pair = next(p for p in manifest.load(folder).pairs if p.id == ids[0])
     image = folder / pair.image
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
@@ -289,14 +289,14 @@ def test_cli_missing_checkpoint_or_folds_exits_2(data, tmp_path, capsys, tiny_ch
 
 def test_fold_ids_of_every_part(data):
     made = folds.load(data)
-    assert evaluate.fold_ids(data, 1, "train") == made.outer[1].train
-    assert evaluate.fold_ids(data, 0, "train", inner=1) == made.outer[0].inner[1].train
-    assert evaluate.fold_ids(data, 0, "val", inner=1) == made.outer[0].inner[1].val
+    assert folds.fold_ids(data, 1, "train") == made.outer[1].train
+    assert folds.fold_ids(data, 0, "train", inner=1) == made.outer[0].inner[1].train
+    assert folds.fold_ids(data, 0, "val", inner=1) == made.outer[0].inner[1].val
     for part, inner in (("val", None), ("inner", None), ("test", 0)):
         with pytest.raises(MeshchopError, match="no part"):
-            evaluate.fold_ids(data, 0, part, inner)
+            folds.fold_ids(data, 0, part, inner)
     with pytest.raises(MeshchopError, match="inner fold 2 does not exist"):
-        evaluate.fold_ids(data, 0, "val", 2)
+        folds.fold_ids(data, 0, "val", 2)
 
 
 def test_cli_interrupted_keeps_the_subjects_done(data, tiny_checkpoint, tmp_path, capsys,

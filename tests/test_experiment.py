@@ -24,8 +24,10 @@ from napari_meshchop.errors import Cancelled, InputError
 from napari_meshchop.evaluation import evaluate, report
 from napari_meshchop.evaluation.evaluate import SubjectResult
 from napari_meshchop.studies import experiment
-from napari_meshchop.training import loop as train
-from napari_meshchop.training.loop import TrainConfig
+from napari_meshchop.studies import plan as plan_mod
+from napari_meshchop.training.config import TrainConfig
+from napari_meshchop.training.loop import Step
+from napari_meshchop.training.state import find_resumable
 
 RECIPE = ["--restarts", "2", "--epochs", "2", "--channels", "2", "--preprocess", "ras-minmax",
           "--shape", "16", "--device", "cpu"]
@@ -94,7 +96,7 @@ def assert_same_numbers(a, b) -> None:
 
 def test_plan_lists_independent_runs_with_stable_keys_and_seeds():
     config = TrainConfig(channels=16, epochs=3, data_dir="data/arc", seed=42)
-    made = experiment.plan(config, folds=(0, 1, 2), restarts=3)
+    made = plan_mod.plan(config, folds=(0, 1, 2), restarts=3)
     assert [r.key for r in made.runs] == [f"fold{k}-restart{r}" for k in range(3)
                                           for r in range(3)]
     assert [r.seed for r in made.runs] == [42, 43, 44] * 3
@@ -105,16 +107,16 @@ def test_plan_lists_independent_runs_with_stable_keys_and_seeds():
     assert (c.outer_fold, c.full_outer, c.inner_fold, c.seed, c.channels, c.epochs) == (
         2, True, None, 43, 16, 3)
     assert os.path.isabs(made.config.data_dir)
-    again = experiment.Plan.from_dict(json.loads(json.dumps(made.to_dict())))
+    again = plan_mod.Plan.from_dict(json.loads(json.dumps(made.to_dict())))
     assert again.identity() == made.identity() and again.runs == made.runs
     with pytest.raises(Exception, match="restarts"):
-        experiment.plan(config, restarts=0)
+        plan_mod.plan(config, restarts=0)
     with pytest.raises(Exception, match="distinct"):
-        experiment.plan(config, folds=(0, 0))
+        plan_mod.plan(config, folds=(0, 0))
 
 
 def test_experiment_writes_runs_results_ensembles_and_report(data, reference):
-    plan = experiment.load_plan(reference)
+    plan = plan_mod.load_plan(reference)
     assert len(plan.runs) == 6 and plan.config.full_outer and plan.config.channels == 2
     by_run = {}
     for run in plan.runs:
@@ -124,7 +126,7 @@ def test_experiment_writes_runs_results_ensembles_and_report(data, reference):
         assert json.loads((folder / "config.json").read_text())["seed"] == run.seed
         records = json.loads((folder / "results.json").read_text())["records"]
         # Tested on the fold's test set, trained on its whole training set.
-        assert [r["subject"] for r in records] == evaluate.fold_ids(data, run.fold, "test")
+        assert [r["subject"] for r in records] == folds.fold_ids(data, run.fold, "test")
         steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         assert sum(s["kind"] == "step" for s in steps) == 2 * len(folds.load(data).outer[
             run.fold].train)
@@ -157,14 +159,14 @@ def test_experiment_writes_runs_results_ensembles_and_report(data, reference):
 
 def test_stop_flag_mid_run_then_resume_gives_the_same_numbers(data, reference, tmp_path):
     out = tmp_path / "exp"
-    plan = experiment.load_plan(reference)
+    plan = plan_mod.load_plan(reference)
     steps = []
 
     def session(stop_after: int | None):
         stop = threading.Event()
 
         def on_event(event):
-            if isinstance(event, train.Step):
+            if isinstance(event, Step):
                 steps.append(event)
                 if stop_after is not None and len(steps) >= stop_after:
                     stop.set()
@@ -173,7 +175,7 @@ def test_stop_flag_mid_run_then_resume_gives_the_same_numbers(data, reference, t
     with pytest.raises(Cancelled):
         session(3)  # mid-epoch 2 of fold0-restart0 (2 training subjects)
     first = plan.runs[0]
-    assert train.find_resumable(first.folder(out))[0].training["step"] == 3
+    assert find_resumable(first.folder(out))[0].training["step"] == 3
     assert experiment.load_run(out, first) is None
     with pytest.raises(Cancelled):
         session(14)  # the last step of fold1-restart0: the stop lands in its evaluation
@@ -188,7 +190,7 @@ def test_stop_flag_mid_run_then_resume_gives_the_same_numbers(data, reference, t
     # Complete runs are skipped: a rerun trains nothing.
     again = []
     events.run(experiment.experiment(out, plan), again.append)
-    assert not any(isinstance(e, train.Step) for e in again)
+    assert not any(isinstance(e, Step) for e in again)
 
 
 def test_ctrl_c_and_kill_then_the_same_command_finishes_with_the_same_numbers(
@@ -210,7 +212,7 @@ def test_ctrl_c_and_kill_then_the_same_command_finishes_with_the_same_numbers(
     presser.join()
     err = capsys.readouterr().err
     assert "stopped" in err and f"meshchop experiment --out {out}" in err
-    assert train.find_resumable(out / "fold0" / "restart0")[0] is not None
+    assert find_resumable(out / "fold0" / "restart0")[0] is not None
 
     # The same command continues in another process, killed in the middle of a later run.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -224,7 +226,7 @@ def test_ctrl_c_and_kill_then_the_same_command_finishes_with_the_same_numbers(
         time.sleep(0.01)
     proc.kill()
     proc.communicate(timeout=60)
-    plan = experiment.load_plan(out)
+    plan = plan_mod.load_plan(out)
     assert sum(experiment.load_run(out, r) is not None for r in plan.runs) < 6
 
     assert cli.main(command(data, out)) == 0
@@ -241,9 +243,9 @@ def test_another_plan_in_the_same_folder_is_refused(data, reference, tmp_path, c
     err = capsys.readouterr().err
     assert "another experiment" in err and "lr: 0.001 there, 0.002 now" in err
     assert str(reference / "plan.json") in err
-    plan = experiment.load_plan(reference)
+    plan = plan_mod.load_plan(reference)
     with pytest.raises(InputError, match="restarts: 2 there, 3 now"):
-        experiment.prepare(reference, experiment.Plan(plan.config, plan.folds, 3))
+        plan_mod.settle(reference, plan_mod.Plan(plan.config, plan.folds, 3))
     # The same settings on a data folder whose folds differ: another experiment too.
     moved = tmp_path / "arc"
     shutil.copytree(data, moved)
@@ -253,7 +255,7 @@ def test_another_plan_in_the_same_folder_is_refused(data, reference, tmp_path, c
     (moved / "folds.json").write_text(json.dumps(made))
     config = TrainConfig.from_dict({**plan.config.to_dict(), "data_dir": str(moved)})
     with pytest.raises(InputError, match="folds are not those it started with"):
-        experiment.prepare(reference, experiment.Plan(config, plan.folds, plan.restarts))
+        plan_mod.settle(reference, plan_mod.Plan(config, plan.folds, plan.restarts))
     # No recipe flags: continue the experiment there (all done: nothing is trained).
     before = (reference / "fold0" / "restart0" / "last.pt").stat().st_mtime_ns
     assert cli.main(["experiment", "--out", str(reference), "-q"]) == 0
@@ -316,9 +318,9 @@ def _fake_experiment(out, channels, dice_by_run):
     """An experiment folder written by hand: one fold, one restart per entry of
     ``dice_by_run`` (lesion Dice of subjects A and B); other metrics follow from it."""
     config = TrainConfig(channels=channels, epochs=50, data_dir=str(out / "data"))
-    plan = experiment.plan(config, folds=(0,), restarts=len(dice_by_run))
+    plan = plan_mod.plan(config, folds=(0,), restarts=len(dice_by_run))
     out.mkdir()
-    (out / experiment.PLAN).write_text(json.dumps(plan.to_dict()))
+    (out / plan_mod.PLAN).write_text(json.dumps(plan.to_dict()))
     for run, dices in zip(plan.runs, dice_by_run):
         results = [SubjectResult(s, "space_2x", i, 2,
                                  {"dice": d, "macro_dice": (d + 1) / 2, "avd": 1 - d,
@@ -332,7 +334,7 @@ def _fake_experiment(out, channels, dice_by_run):
 def test_parity_report_sets_the_paper_row_beside_both_dice_definitions(tmp_path):
     out = tmp_path / "exp"
     _fake_experiment(out, 26, [(0.8, 0.6), (0.9, 0.7)])
-    doc = report.write(out)
+    doc = report.write(out, experiment.build_report(out))
     # Across runs: run means 0.7 and 0.8. Across subjects: A 0.85, B 0.65.
     lesion = next(r for r in doc["parity"] if r["metric"] == "dice")
     assert lesion["runs"]["mean"] == pytest.approx(0.75)
@@ -359,9 +361,9 @@ def test_parity_report_sets_the_paper_row_beside_both_dice_definitions(tmp_path)
     # MeshNet-5's row for 5 channels; an incomplete experiment says which runs are missing.
     five = tmp_path / "five"
     plan = _fake_experiment(five, 5, [(0.8, 0.6)])
-    doc = report.write(five)
+    doc = report.write(five, experiment.build_report(five))
     assert doc["paper"]["model"] == "MeshNet-5" and doc["paper"]["mcc"] == [0.708, 0.042]
     (plan.runs[0].folder(five) / "results.json").unlink()
-    doc = report.write(five)
+    doc = report.write(five, experiment.build_report(five))
     assert not doc["complete"] and doc["runs"]["missing"] == ["fold0-restart0"]
     assert "Missing runs: fold0-restart0." in (five / report.REPORT_MD).read_text()

@@ -13,8 +13,11 @@ import optuna
 import pytest
 
 from napari_meshchop import cli, events
+from napari_meshchop.cli import train as train_cli
+from napari_meshchop.events import Notice
 from napari_meshchop.studies import engine, hpo
-from napari_meshchop.training import loop as train
+from napari_meshchop.training.config import TrainConfig, load_params
+from napari_meshchop.training.loop import EpochEnd, TrainResult
 
 
 def tiny(data, out, *more):
@@ -42,13 +45,13 @@ def test_folds_advance_together_and_a_poor_trial_is_pruned_early(data, tmp_path,
         for epoch in range(config.epochs):
             pumped.append((trial, config.inner_fold, epoch))
             score = 0.05 if trial == 3 else 0.4 + 0.1 * trial + 0.01 * epoch + 0.02 * config.inner_fold
-            yield train.Notice("working")
-            yield train.EpochEnd(epoch, config.epochs, 1.0, score, 0.0)
-        return train.TrainResult(out_dir, out_dir / "last.pt", None, config.epochs,
+            yield Notice("working")
+            yield EpochEnd(epoch, config.epochs, 1.0, score, 0.0)
+        return TrainResult(out_dir, out_dir / "last.pt", None, config.epochs,
                                  config.epochs, False, None)
 
-    monkeypatch.setattr(train, "train", fake_train)
-    base = train.TrainConfig(data_dir=str(data), outer_fold=0, device="cpu")
+    monkeypatch.setattr(hpo, "train", fake_train)
+    base = TrainConfig(data_dir=str(data), outer_fold=0, device="cpu")
     space = hpo.Space(min_epochs=1, max_epochs=8)  # rungs after 1 and 3 epochs
     job = hpo.search(base, tmp_path, trials=4, space=space)
     seen = []
@@ -81,7 +84,7 @@ def test_search_writes_best_params_that_train_reads(data, tmp_path, capsys):
     study = load_study(out / hpo.JOURNAL)
     assert len(study.trials) == 2
     for t in study.trials:  # each report is the mean of the folds' own validation Dice
-        folder = out / hpo.TRIALS / f"{t.number:03d}"
+        folder = out / hpo.TRIALS_DIR / f"{t.number:03d}"
         per_fold = [epochs_of(folder / f"inner{j}") for j in (0, 1)]
         reported = {e: (a["val_dice"] + b["val_dice"]) / 2
                     for e, (a, b) in enumerate(zip(*per_fold), start=1)}
@@ -90,7 +93,7 @@ def test_search_writes_best_params_that_train_reads(data, tmp_path, capsys):
     best = json.loads((out / hpo.BEST).read_text())
     winner = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert best["trial"] == winner.number and best["value"] == pytest.approx(winner.value)
-    params = train.load_params(out / hpo.BEST)
+    params = load_params(out / hpo.BEST)
     assert params["channels"] == winner.params["channels"]
     assert params["class_weights"] == [winner.params["background_weight"], 1.0]
 
@@ -105,7 +108,7 @@ def test_search_writes_best_params_that_train_reads(data, tmp_path, capsys):
 
     args = cli.build_parser().parse_args(["experiment", "--params", str(out / hpo.BEST),
                                           "--out", str(tmp_path / "experiment")])
-    recipe = cli.train_config(args, data_dir=str(data))  # what the experiment trains with
+    recipe = train_cli.train_config(args, data_dir=str(data))  # what the experiment trains with
     assert (recipe.channels, recipe.lr, recipe.epochs) == (
         params["channels"], params["lr"], params["epochs"])
 
@@ -121,7 +124,7 @@ def test_a_killed_workers_trial_resumes_from_its_checkpoints(data, tmp_path, cap
                 "--heartbeat", "1", "--grace", "3")
     first = subprocess.Popen([sys.executable, "-m", "napari_meshchop.cli", *args, "-q"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    folder = out / hpo.TRIALS / "000"
+    folder = out / hpo.TRIALS_DIR / "000"
     deadline = time.monotonic() + 90
     while not (folder / "inner1" / "last.pt").exists():  # both folds trained an epoch
         assert first.poll() is None, first.stderr.read()

@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from napari_meshchop.evaluation.evaluate import voxel_ml
 from napari_meshchop.evaluation.metrics import (
     METRICS,
-    Counts,
+    Confusion,
     confusion,
     dice,
     scores,
@@ -87,7 +87,7 @@ def test_agree_with_scikit_learn(shape, seed, p_pred, p_true):
 def test_any_nonzero_label_is_lesion_and_shapes_must_match():
     truth = np.array([[[0, 2], [3, 0]]])
     pred = np.array([[[1.0, 0.0], [0.5, 0.0]]])
-    assert confusion(pred, truth) == Counts(tp=1, fp=1, fn=1, tn=1)
+    assert confusion(pred, truth) == Confusion(tp=1, fp=1, fn=1, tn=1)
     with pytest.raises(ValueError, match="different shapes"):
         confusion(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
 
@@ -112,7 +112,7 @@ def test_volumes_and_avd_from_an_anisotropic_voxel():
 def test_counts_of_a_256_cube_do_not_overflow():
     n = 256**3
     # Balanced counts: MCC's denominator is about 4e27, far beyond int64.
-    c = Counts(tp=np.int64(4_000_000), fp=np.int64(200_000), fn=np.int64(300_000),
+    c = Confusion(tp=np.int64(4_000_000), fp=np.int64(200_000), fn=np.int64(300_000),
                tn=np.int64(n - 4_500_000))
     assert all(type(v) is int for v in (c.tp, c.fp, c.fn, c.tn))
     s = scores(c)
@@ -126,8 +126,8 @@ def test_counts_of_a_256_cube_do_not_overflow():
         wrapped = np.int64(tp + fp) * np.int64(tp + fn) * np.int64(tn + fp) * np.int64(tn + fn)
     assert int(wrapped) != (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     with pytest.raises(ValueError, match="count"):
-        Counts(tp=-1, fp=0, fn=0, tn=0)
-    assert Counts(1, 2, 3, 4).to_dict() == {"tp": 1, "fp": 2, "fn": 3, "tn": 4,
+        Confusion(tp=-1, fp=0, fn=0, tn=0)
+    assert Confusion(1, 2, 3, 4).to_dict() == {"tp": 1, "fp": 2, "fn": 3, "tn": 4,
                                              "voxel_ml": 0.001}
 
 
@@ -141,4 +141,4 @@ def test_summaries_skip_nan_and_say_so():
         tuple(np.percentile(values, [25, 50, 75])))
     nothing = summarize([float("nan")])
     assert nothing["n"] == 0 and nothing["skipped"] == 1 and math.isnan(nothing["mean"])
-    assert set(scores(Counts(1, 1, 1, 1))) == set(METRICS)
+    assert set(scores(Confusion(1, 1, 1, 1))) == set(METRICS)

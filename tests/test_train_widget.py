@@ -20,9 +20,9 @@ def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, da
     _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
     widget._data.value = data
     widget._out.value = tmp_path / "run"
-    widget._channels.value = 2
-    widget._epochs.value = 2
-    widget._device.value = "cpu"
+    widget.settings.fields["channels"].value = 2
+    widget.settings.fields["epochs"].value = 2
+    widget.settings.fields["device"].value = "cpu"
     widget._advanced.value = True
     widget._preprocess.value = "ras-minmax"
     widget._shape.value = 24
@@ -56,7 +56,7 @@ def test_search_section_lists_trials_stops_and_resumes(make_napari_viewer, qtbot
     _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
     widget._data.value = data
     widget._out.value = tmp_path / "hpo"
-    widget._device.value = "cpu"
+    widget.settings.fields["device"].value = "cpu"
     widget._preprocess.value = "ras-minmax"
     widget._shape.value = 16
     widget._search_box.value = True

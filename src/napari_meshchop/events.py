@@ -1,9 +1,10 @@
 """Typed events that long work yields, and the helpers that drive such generators.
 
 Long work (segmentation, training, evaluation) is a generator: it yields events,
-checks a stop flag between steps and *returns* its result. The CLI drives it
-with a progress bar, the GUI with napari's ``thread_worker``, tests with
-:func:`run`.
+checks a stop flag between steps and *returns* its result. :func:`run` drives one to its
+end (the CLI's renderer in :mod:`napari_meshchop.cli.progress` and the tests use it; the
+GUI hands the same generator to napari's ``thread_worker``); :func:`relay` passes one
+job's events on, translated, from inside another.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ class Progress:
     done: int
     total: int
     message: str = ""
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should read (a fallback taken, a file skipped); not an error."""
+
+    message: str
 
 
 @dataclass(frozen=True)
@@ -61,3 +69,23 @@ def run(job: Generator[Any, None, T], on_event: Callable[[Any], None] | None = N
             return finished.value
         if on_event is not None:
             on_event(event)
+
+
+def relay(job: Generator[Any, None, T], translate: Callable[[Any], Any]
+          ) -> Generator[Any, None, T]:
+    """``yield from job`` with each event replaced by ``translate(event)``: dropped where
+    that is None, several events where it is a list. Returns what ``job`` returned; closing
+    the relay closes ``job``."""
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as finished:
+                return finished.value
+            mapped = translate(event)
+            if isinstance(mapped, list):
+                yield from mapped
+            elif mapped is not None:
+                yield mapped
+    finally:
+        job.close()

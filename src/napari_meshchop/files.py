@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from napari_meshchop.errors import InputError, MeshchopError
+
 PART_SUFFIX = ".part"
 
 
@@ -56,8 +58,6 @@ def read_json(folder: str | os.PathLike, name: str, fmt: str, what: str,
     Raises InputError naming the file when it is absent (``missing`` says what to do),
     unreadable, or of another format.
     """
-    from napari_meshchop.errors import InputError
-
     where = Path(folder)
     where = where if where.suffix == ".json" else where / name
     if not where.is_file():
@@ -106,8 +106,6 @@ def sweep_partials(folder: str | os.PathLike, older_than: float = 0.0) -> list[P
 @contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold ``folder/.lock`` while the block runs; raise if another process holds it."""
-    from napari_meshchop.errors import MeshchopError
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:

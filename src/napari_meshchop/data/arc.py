@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from napari_meshchop import files
+from napari_meshchop.data import folds as _folds
 from napari_meshchop.data import manifest as _manifest
 from napari_meshchop.data.manifest import Excluded, Manifest, Pair
 from napari_meshchop.errors import InputError, MeshchopError
@@ -512,8 +513,6 @@ def download(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, repo: str = REPO,
                                        f"{human_bytes(result.nbytes)}, {cand.subject} "
                                        f"{cand.session}", result.nbytes)
         if state.complete and folds and state.pairs:
-            from napari_meshchop.data import folds as _folds
-
             try:
                 result.folds = _folds.ensure(data_dir, state)
             except MeshchopError as exc:  # a cohort too small for the default folds

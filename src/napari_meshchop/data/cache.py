@@ -25,6 +25,7 @@ import torch
 
 from napari_meshchop import files
 from napari_meshchop.data import manifest as _manifest
+from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.data.manifest import Pair
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
@@ -153,13 +154,7 @@ class ArcDataset(torch.utils.data.Dataset):
              **kwargs) -> ArcDataset:
         """One part of the saved folds: ``part`` is ``train`` or ``test`` of outer fold
         ``outer``, or ``train`` or ``val`` of its inner fold ``inner``."""
-        from napari_meshchop.data import folds as _folds
-
-        fold = _folds.load(data_dir).outer[outer]
-        chosen = fold if inner is None else fold.inner[inner]
-        if not hasattr(chosen, part):
-            raise MeshchopError(f"no part {part!r} in that fold")
-        return cls(data_dir, getattr(chosen, part), **kwargs)
+        return cls(data_dir, fold_ids(data_dir, outer, part, inner), **kwargs)
 
     @property
     def ids(self) -> list[str]:

@@ -35,6 +35,9 @@ VERSION = 1
 NAME = "folds.json"
 
 
+PARTS = {False: ("test", "train"), True: ("val", "train")}  # outer fold, inner fold
+
+
 def size_bin(voxels: int) -> int:
     """0..3: the paper's lesion-size bin; sizes outside the edges go to the end bins."""
     return int(np.digitize(voxels, BIN_EDGES[1:-1], right=True))
@@ -115,6 +118,25 @@ class Folds:
                  for f in d["outer"]]
         return cls(seed=d["seed"], outer=outer, merges=[Merge(**m) for m in d["merges"]],
                    cohort_sha256=d.get("cohort_sha256", ""), strata=d.get("strata", {}))
+
+    def outer_fold(self, k: int) -> OuterFold:
+        if not 0 <= k < self.outer_folds:
+            raise MeshchopError(f"outer fold {k} does not exist (0..{self.outer_folds - 1})")
+        return self.outer[k]
+
+    def ids(self, outer: int, part: str = "test", inner: int | None = None) -> list[str]:
+        """The ids of one part: an outer fold's ``test`` or ``train``, or an inner fold's
+        ``train`` or ``val``."""
+        fold = self.outer_fold(outer)
+        if inner is not None:
+            if not 0 <= inner < self.inner_folds:
+                raise MeshchopError(f"inner fold {inner} does not exist "
+                                    f"(0..{self.inner_folds - 1})")
+            fold = fold.inner[inner]
+        if part not in PARTS[inner is not None]:
+            raise MeshchopError(f"no part {part!r} in that fold (an outer fold has train and "
+                                "test, an inner fold train and val)")
+        return list(getattr(fold, part))
 
     def save(self, folder: str | os.PathLike) -> Path:
         return files.write_json(Path(folder) / NAME, self.to_dict())
@@ -217,6 +239,12 @@ def load(folder: str | os.PathLike) -> Folds:
     _, raw = files.read_json(folder, NAME, FORMAT, "folds file",
                              "no folds here; run `meshchop folds` first")
     return Folds.from_dict(raw)
+
+
+def fold_ids(folder: str | os.PathLike, outer: int, part: str = "test",
+             inner: int | None = None) -> list[str]:
+    """The ids of one part of the folds saved in ``folder`` (see :meth:`Folds.ids`)."""
+    return load(folder).ids(outer, part, inner)
 
 
 def make(folder: str | os.PathLike, outer: int = OUTER_FOLDS, inner: int = INNER_FOLDS,

@@ -22,13 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from napari_meshchop import files
-from napari_meshchop.errors import Cancelled, MeshchopError
+from napari_meshchop.data.cache import ArcDataset
+from napari_meshchop.errors import Cancelled
 from napari_meshchop.evaluation.metrics import METRICS, confusion, scores, summarize
 from napari_meshchop.events import Progress, StopFlag, check_stop, run
+from napari_meshchop.imaging.nifti import save_mask
+from napari_meshchop.network.inference import (
+    load_predictor,
+    resolve_device,
+    voxel_volume_ml,
+)
 
 THRESHOLD = 0.5
 COUNTS = ("tp", "fp", "fn", "tn", "voxel_ml")  # SubjectResult.counts, in its rows
-PARTS = {False: ("test", "train"), True: ("val", "train")}  # outer fold, inner fold
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,6 @@ def predict_mask(predictor, image: np.ndarray, stop: StopFlag = None
 
 def voxel_ml(affine: np.ndarray | None) -> float:
     """The volume of a voxel of the grid in mL; 1 mm^3 when the grid is unknown."""
-    from napari_meshchop.network.inference import voxel_volume_ml
-
     return 0.001 if affine is None else voxel_volume_ml(affine)
 
 
@@ -124,8 +128,6 @@ def evaluate_subjects(predictor, subjects, total: int, predictions_dir=None,
 
 
 def save_prediction(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
-    from napari_meshchop.imaging.nifti import save_mask
-
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(save_mask(mask.astype(np.uint8), affine, path))
 
@@ -167,34 +169,10 @@ def evaluate(models, data_dir: str | os.PathLike, ids: Sequence[str], device: st
              predictions_dir=None, stop: StopFlag = None
              ) -> Generator[Progress | SubjectResult, None, list[SubjectResult]]:
     """Evaluate a model (or an ensemble: a list of models) on pairs of a data folder."""
-    from napari_meshchop.data.cache import ArcDataset
-    from napari_meshchop.network.inference import load_predictor, resolve_device
-
     yield Progress("model", 0, max(len(ids), 1), "loading model")
     predictor, checkpoint, _ = load_predictor(models, resolve_device(device))
     dataset = ArcDataset(data_dir, list(ids), checkpoint.preprocess)
     return (yield from evaluate_dataset(predictor, dataset, predictions_dir, stop))
-
-
-def fold_ids(data_dir: str | os.PathLike, outer: int, part: str = "test",
-             inner: int | None = None) -> list[str]:
-    """The ids of one part of the saved folds: an outer fold's ``test`` or ``train``, or an
-    inner fold's ``train`` or ``val``."""
-    from napari_meshchop.data import folds as _folds
-
-    made = _folds.load(data_dir)
-    if not 0 <= outer < made.outer_folds:
-        raise MeshchopError(f"outer fold {outer} does not exist (0..{made.outer_folds - 1})")
-    fold = made.outer[outer]
-    if inner is not None:
-        if not 0 <= inner < made.inner_folds:
-            raise MeshchopError(f"inner fold {inner} does not exist "
-                                f"(0..{made.inner_folds - 1})")
-        fold = fold.inner[inner]
-    if part not in PARTS[inner is not None]:
-        raise MeshchopError(f"no part {part!r} in that fold (an outer fold has train and "
-                            "test, an inner fold train and val)")
-    return list(getattr(fold, part))
 
 
 def summary(results: Sequence[SubjectResult]) -> dict[str, dict[str, float]]:

@@ -1,6 +1,6 @@
 """Overlap and volume metrics of a predicted lesion mask against the truth.
 
-Everything derives from the four voxel counts (:class:`Counts`), so a subject's volumes can
+Everything derives from the four voxel counts (:class:`Confusion`), so a subject's volumes can
 be dropped as soon as they are counted. Definitions (P = prediction, T = truth):
 
 * ``dice``: lesion Dice, 2|P & T| / (|P| + |T|).
@@ -39,7 +39,7 @@ METRICS = ("dice", "macro_dice", "avd", "mcc", "precision", "recall", "true_ml",
 
 
 @dataclass(frozen=True)
-class Counts:
+class Confusion:
     """Voxel counts of one subject, and the volume of one voxel in mL."""
 
     tp: int
@@ -62,7 +62,7 @@ class Counts:
         return asdict(self)
 
 
-def confusion(prediction: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001) -> Counts:
+def confusion(prediction: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001) -> Confusion:
     """Count TP, FP, FN, TN of two masks of the same shape (nonzero = lesion)."""
     p = np.asarray(prediction) != 0
     t = np.asarray(truth) != 0
@@ -71,7 +71,7 @@ def confusion(prediction: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001
     tp = int(np.count_nonzero(p & t))
     n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
     fp, fn = n_p - tp, n_t - tp
-    return Counts(tp, fp, fn, p.size - tp - fp - fn, float(voxel_ml))
+    return Confusion(tp, fp, fn, p.size - tp - fp - fn, float(voxel_ml))
 
 
 def _ratio(num: float, den: float, both_empty: bool) -> float:
@@ -80,7 +80,7 @@ def _ratio(num: float, den: float, both_empty: bool) -> float:
     return 1.0 if both_empty else 0.0
 
 
-def scores(c: Counts) -> dict[str, float]:
+def scores(c: Confusion) -> dict[str, float]:
     """Every metric of :data:`METRICS` from the counts (see the module's edge cases)."""
     n_true, n_pred = c.tp + c.fn, c.tp + c.fp
     empty = n_true == 0 and n_pred == 0

@@ -129,12 +129,14 @@ def _across(values_by_metric: dict[str, list]) -> dict[str, dict]:
     return {m: summarize(_floats(values_by_metric[m])) for m in METRICS}
 
 
-def build(out: str | os.PathLike, compare_with: str | os.PathLike | None = None) -> dict:
-    """The report of the experiment in ``out`` (what ``report.json`` holds)."""
-    from napari_meshchop.studies import experiment
+def build(out: str | os.PathLike, plan, done: dict, ensembles: dict,
+          other: dict | None = None) -> dict:
+    """The report of the experiment in ``out`` (what ``report.json`` holds).
 
-    plan = experiment.load_plan(out)
-    done = {run.key: experiment.load_run(out, run) for run in plan.runs}
+    ``plan`` is its plan, ``done`` each planned run's result by key (None: not complete),
+    ``ensembles`` each fold's ensemble records (None: not evaluated), ``other`` the report of
+    an experiment to compare with.
+    """
     complete = [r for r in done.values() if r is not None]
     per_run = []
     for result in complete:
@@ -145,7 +147,6 @@ def build(out: str | os.PathLike, compare_with: str | os.PathLike | None = None)
                         "failed": len(result.records) - len(ok),
                         **{m: _mean([row.get(m) for row in ok]) for m in METRICS}})
     subjects = subject_scores([(r.run.fold, r.records) for r in complete])
-    ensembles = {k: experiment.load_ensemble(out, plan, k) for k in plan.folds}
     ensemble_subjects = subject_scores([(k, rows) for k, rows in ensembles.items() if rows])
     across_runs = _across({m: [r[m] for r in per_run] for m in METRICS})
     across_subjects = _across({m: [s[m] for s in subjects.values()] for m in METRICS})
@@ -184,8 +185,7 @@ def build(out: str | os.PathLike, compare_with: str | os.PathLike | None = None)
             "subjects": ensemble_subjects},
         "per_fold": per_fold, "per_run": per_run, "subjects": subjects, "comparison": None,
     }
-    if compare_with is not None:
-        other = build(compare_with)
+    if other is not None:
         doc["comparison"] = {"other": other["experiment"], "other_channels": other["channels"],
                              "scores": "per subject, the mean over its fold's restarts",
                              **compare(subjects, other["subjects"])}
@@ -296,9 +296,9 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: str | os.PathLike, compare_with: str | os.PathLike | None = None) -> dict:
-    """Build the report and write ``report.json`` and ``report.md`` in ``out``, atomically."""
-    doc = build(out, compare_with)
+def write(out: str | os.PathLike, doc: dict) -> dict:
+    """Write a report (:func:`build`) as ``report.json`` and ``report.md`` in ``out``,
+    atomically."""
     files.write_json(Path(out) / REPORT_JSON, doc)
     files.write_bytes(Path(out) / REPORT_MD, markdown(doc).encode())
     return doc

@@ -24,9 +24,9 @@ from napari_meshchop.imaging.nifti import load_volume, save_mask
 from napari_meshchop.imaging.preprocess import prepare, to_source
 from napari_meshchop.network import checkpoint as ckpt_io
 from napari_meshchop.network import registry
+from napari_meshchop.network.devices import DEVICES
 from napari_meshchop.network.model import MeshNet
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 Model = str | os.PathLike | ckpt_io.Checkpoint
 Models = Model | Sequence[Model]  # several: an ensemble
 

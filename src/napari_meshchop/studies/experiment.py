@@ -3,15 +3,15 @@ training set for a fixed number of epochs and tested on the outer test set.
 
 Runs are independent units, so that any engine can hand them out:
 
-* :func:`plan` (pure) lists the runs (``fold0-restart3``; restart R has seed ``seed + R``);
-* :func:`prepare` writes ``plan.json`` or checks that the folder holds this very plan;
+* :mod:`.plan` says what the experiment is (its runs, its ``plan.json``);
 * :func:`run_one` does one run and is idempotent: a complete run is skipped, an interrupted
   one resumes from its checkpoint (``train``'s resume), a stop leaves it resumable;
 * :func:`run_all` is the local driver over any iterable of runs (another engine may pass
   the runs it was given, or call :func:`run_one` itself);
 * :func:`ensemble_one` evaluates a fold's restarts as one ensemble (mean softmax);
 * :func:`finish` evaluates the ensembles and writes the report (:mod:`report`);
-  :func:`experiment` is all of it.
+  :func:`experiment` is all of it, and :func:`shared` the same with the runs handed out
+  to workers on several machines by the study engine (:mod:`.engine`).
 
 Layout of an experiment folder ``OUT``::
 
@@ -25,148 +25,23 @@ Layout of an experiment folder ``OUT``::
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_meshchop import files
+from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
-from napari_meshchop.evaluation import evaluate
-from napari_meshchop.events import Progress, StopFlag, check_stop
-from napari_meshchop.training import loop as train
-from napari_meshchop.training.loop import TrainConfig
+from napari_meshchop.evaluation import evaluate, report
+from napari_meshchop.events import Notice, Progress, StopFlag, check_stop, relay
+from napari_meshchop.studies import engine
+from napari_meshchop.studies.plan import FORMAT, Plan, Run, load_plan, settle
+from napari_meshchop.training.fold import train
+from napari_meshchop.training.state import LAST, find_resumable
 
-PLAN = "plan.json"
-FORMAT = "napari-meshchop/experiment"
 ENSEMBLE = "ensemble"
-# TrainConfig fields that say how a run is computed, not what: a later session (or another
-# machine) may change them without changing the experiment.
-HOW = ("device", "workers", "memory_gb", "activation_checkpointing")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run: outer fold ``fold``, restart ``restart`` (seed ``seed``)."""
-
-    fold: int
-    restart: int
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"fold{self.fold}-restart{self.restart}"
-
-    def folder(self, out: str | os.PathLike) -> Path:
-        return Path(out) / f"fold{self.fold}" / f"restart{self.restart}"
-
-    def identity(self) -> dict:
-        """What its results.json records as its ``experiment`` entry."""
-        return {"run": self.key, "fold": self.fold, "restart": self.restart, "seed": self.seed}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The experiment: a recipe (``config.seed`` is restart 0's seed), folds, restarts."""
-
-    config: TrainConfig
-    folds: tuple[int, ...] = (0, 1, 2)
-    restarts: int = 10
-    folds_sha256: str = ""  # of the folds' train and test ids; set by prepare()
-
-    @property
-    def runs(self) -> list[Run]:
-        return [Run(k, r, self.config.seed + r) for k in self.folds for r in range(self.restarts)]
-
-    def run(self, key: str) -> Run:
-        for run in self.runs:
-            if run.key == key:
-                return run
-        raise MeshchopError(f"no run {key!r} in this experiment")
-
-    def run_config(self, run: Run) -> TrainConfig:
-        d = self.config.to_dict()
-        d.update(seed=run.seed, outer_fold=run.fold, inner_fold=None, full_outer=True)
-        return TrainConfig.from_dict(d)
-
-    @property
-    def data_dir(self) -> str:
-        return self.config.data_dir
-
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, "folds": list(self.folds),
-                "restarts": self.restarts, "seeds": [r.seed for r in self.runs[:self.restarts]],
-                "folds_sha256": self.folds_sha256, "config": self.config.to_dict(),
-                "runs": [r.key for r in self.runs]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        return cls(TrainConfig.from_dict(d["config"]), tuple(d["folds"]), int(d["restarts"]),
-                   d.get("folds_sha256", ""))
-
-    def identity(self) -> dict:
-        """What makes two plans the same experiment."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in HOW}
-        return {"folds": list(self.folds), "restarts": self.restarts,
-                "folds_sha256": self.folds_sha256, **config}
-
-
-def plan(config: TrainConfig, folds: Iterable[int] = (0, 1, 2), restarts: int = 10) -> Plan:
-    """The runs of an experiment with ``config``'s recipe: every fold x ``restarts``."""
-    folds = tuple(int(k) for k in folds)
-    if restarts < 1:
-        raise MeshchopError("restarts must be at least 1")
-    if not folds or len(set(folds)) != len(folds) or min(folds) < 0:
-        raise MeshchopError(f"folds must be distinct outer fold numbers, not {list(folds)}")
-    d = config.to_dict()
-    d.update(outer_fold=None, inner_fold=None, full_outer=True,
-             data_dir=os.path.abspath(config.data_dir) if config.data_dir else "")
-    return Plan(TrainConfig.from_dict(d), folds, int(restarts))
-
-
-def load_plan(out: str | os.PathLike) -> Plan:
-    _, raw = files.read_json(out, PLAN, FORMAT, "experiment plan",
-                             "no experiment here (no plan.json); run `meshchop experiment` first")
-    try:
-        return Plan.from_dict(raw)
-    except (KeyError, TypeError, ValueError, MeshchopError) as exc:
-        raise InputError(Path(out) / PLAN, f"not a valid experiment plan ({exc})") from None
-
-
-def prepare(out: str | os.PathLike, plan_: Plan) -> Plan:
-    """Write ``OUT/plan.json``, or check that OUT holds this very experiment.
-
-    Returns the plan to run: the saved one (with this session's device and other ``HOW``
-    fields) when OUT already has one.
-    """
-    from napari_meshchop.data import folds as _folds
-
-    if not plan_.data_dir:
-        raise MeshchopError("the experiment needs a data folder (--data-dir)")
-    made = _folds.load(plan_.data_dir)
-    for k in plan_.folds:
-        if not 0 <= k < made.outer_folds:
-            raise MeshchopError(f"outer fold {k} does not exist in {plan_.data_dir} "
-                                f"(0..{made.outer_folds - 1})")
-    ids = [[made.outer[k].train, made.outer[k].test] for k in plan_.folds]
-    plan_ = replace(plan_, folds_sha256=hashlib.sha256(json.dumps(ids).encode()).hexdigest())
-    path = Path(out) / PLAN
-    if not path.exists():
-        files.write_json(path, plan_.to_dict())
-        return plan_
-    saved = load_plan(out)
-    mine, theirs = plan_.identity(), saved.identity()
-    differ = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
-              if k != "folds_sha256" else "the data folder's folds are not those it started with"
-              for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    if differ:
-        raise InputError(path, "this folder holds another experiment ("
-                         + "; ".join(differ) + "); use another --out, or give no recipe "
-                         "flags to continue the one there")
-    how = {k: getattr(plan_.config, k) for k in HOW}
-    return replace(saved, config=replace(saved.config, **how))
 
 
 # ---- one run --------------------------------------------------------------------------
@@ -220,7 +95,7 @@ def run_one(out: str | os.PathLike, plan_: Plan, run: Run, device: str | None = 
 
     Idempotent: a complete run returns its saved results at once. A stop raises
     :class:`Cancelled` after a resumable checkpoint is written; a kill loses at most the
-    epoch in progress. ``plan_`` must have been through :func:`prepare`.
+    epoch in progress. ``plan_`` must have been through :func:`~.plan.settle`.
     """
     done = load_run(out, run)
     if done is not None:
@@ -230,16 +105,16 @@ def run_one(out: str | os.PathLike, plan_: Plan, run: Run, device: str | None = 
     if device:
         config.device = device
     with files.exclusive(folder, "experiment run"):
-        found, problems = train.find_resumable(folder)
+        found, problems = find_resumable(folder)
         if found is None:  # else fit() reports the files it passes over itself
             for problem in problems:
-                yield train.Notice(f"{run.key}: starting afresh; not resuming from {problem}")
+                yield Notice(f"{run.key}: starting afresh; not resuming from {problem}")
         else:
-            yield train.Notice(f"{run.key}: resuming")
-        trained = yield from train.train(config, folder, resume=found is not None, stop=stop)
+            yield Notice(f"{run.key}: resuming")
+        trained = yield from train(config, folder, resume=found is not None, stop=stop)
         if trained.stopped:
             raise Cancelled(f"stopped during {run.key}; it resumes from its checkpoint")
-        ids = evaluate.fold_ids(plan_.data_dir, run.fold, "test")
+        ids = fold_ids(plan_.data_dir, run.fold, "test")
         results = yield from evaluate.evaluate(trained.last, plan_.data_dir, ids,
                                                config.device, stop=stop)
         evaluate.write_results(folder, results, {
@@ -295,8 +170,8 @@ def ensemble_one(out: str | os.PathLike, plan_: Plan, fold: int, device: str | N
     members = [r for r in plan_.runs if r.fold == fold]
     if any(load_run(out, r) is None for r in members):
         return None
-    checkpoints = [r.folder(out) / train.LAST for r in members]
-    ids = evaluate.fold_ids(plan_.data_dir, fold, "test")
+    checkpoints = [r.folder(out) / LAST for r in members]
+    ids = fold_ids(plan_.data_dir, fold, "test")
     folder = ensemble_folder(out, fold)
     with files.exclusive(folder, "ensemble evaluation"):
         results = yield from evaluate.evaluate(checkpoints, plan_.data_dir, ids,
@@ -315,18 +190,90 @@ def finish(out: str | os.PathLike, plan_: Plan, ensemble: bool = False,
            stop: StopFlag = None):
     """The ensembles (if asked) of the folds whose runs are all complete, then the report
     of whatever is done; return the report (a dict, what ``report.json`` holds)."""
-    from napari_meshchop.evaluation import report
-
     if ensemble:
         for fold in plan_.folds:
             yield from ensemble_one(out, plan_, fold, device, stop)
-    return report.write(out, compare)
+    return report.write(out, build_report(out, compare))
+
+
+def build_report(out: str | os.PathLike, compare: str | os.PathLike | None = None) -> dict:
+    """The report of the experiment in ``out`` from what it holds now (and of ``compare``'s,
+    to compare with)."""
+    plan_ = load_plan(out)
+    done = {run.key: load_run(out, run) for run in plan_.runs}
+    ensembles = {k: load_ensemble(out, plan_, k) for k in plan_.folds}
+    other = None if compare is None else build_report(compare)
+    return report.build(out, plan_, done, ensembles, other)
 
 
 def experiment(out: str | os.PathLike, plan_: Plan, runs: Iterable[Run] | None = None,
                device: str | None = None, ensemble: bool = False,
                compare: str | os.PathLike | None = None, stop: StopFlag = None):
-    """:func:`prepare`, the runs (all of the plan's by default), then :func:`finish`."""
-    plan_ = prepare(out, plan_)
+    """:func:`~.plan.settle`, the runs (all of the plan's by default), then :func:`finish`."""
+    plan_ = settle(out, plan_)
     yield from run_all(out, plan_, runs, device, stop)
     return (yield from finish(out, plan_, ensemble, compare, device, stop))
+
+
+# ---- the experiment's runs on the same queue -------------------------------------------------
+
+STUDY = "meshchop-experiment"  # the study's default name with --storage
+
+
+def shared(out: str | os.PathLike, plan, storage: str | os.PathLike,
+                      study_name: str = STUDY, ensemble: bool = False,
+                      compare: str | os.PathLike | None = None, device: str | None = None,
+                      heartbeat: int = engine.HEARTBEAT, grace: int | None = None,
+                      stop: StopFlag = None, poll: float | None = None) -> Generator:
+    """The experiment's runs (:class:`~.plan.Plan`) as units of a shared study: each run
+    is claimed by one worker at a time (:func:`run_one`: complete runs are skipped,
+    interrupted ones resume from their checkpoint in ``out``); then the report of what
+    ``out`` holds (with the ensembles once every run is complete). Returns the report."""
+    plan = settle(out, plan)
+    identity = {k: v for k, v in plan.identity().items() if k != "data_dir"}
+    study, _ = engine.open_study(engine.open_storage(storage, heartbeat, grace), study_name,
+                          [{"run": r.key} for r in plan.runs],
+                          {"kind": FORMAT, "plan": identity})
+    total = len(plan.runs)
+
+    def run_unit(trial, halt):
+        run = plan.run(engine.unit_of(trial)["run"])
+        result = yield from run_one(out, plan, run, device, halt)
+        dice = result.mean("dice")
+        trial.set_user_attr("test_dice", dice if math.isfinite(dice) else None)
+        return dice if math.isfinite(dice) else 0.0  # the study's value: test Dice
+
+    running = None
+
+    def translate(event):
+        nonlocal running
+        if isinstance(event, engine.Claimed):
+            key = event.unit["run"]
+            again = f" (resuming trial {event.origin}'s run)" if event.resumed else ""
+            return [Notice(f"{key}: claimed as trial {event.number}{again}"),
+                    RunProgress("runs", engine.counts(study).finished, total, key, key=key)]
+        if isinstance(event, engine.Finished):
+            key = event.unit["run"]
+            done = [RunProgress("runs", engine.counts(study).finished, total, key, key=key)]
+            if event.state not in ("COMPLETE", "REQUEUED"):
+                done.append(Notice(f"{key}: {event.state.lower()} (trial {event.number})"))
+            return done
+        if isinstance(event, engine.Waiting):
+            changed, running = event.running != running, event.running
+            return Notice(f"waiting for {running} run(s) on other workers") if changed else None
+        return event
+
+    result = yield from relay(engine.work(study, run_unit, stop, poll), translate)
+    if result.stopped:
+        raise Cancelled("stopped; the interrupted run resumes from its checkpoint")
+    everything = result.counts.complete == total
+    try:
+        return (yield from finish(out, plan, ensemble and everything, compare,
+                                             device, stop))
+    except Cancelled:
+        raise
+    except MeshchopError as exc:  # another worker is evaluating an ensemble right now
+        if "is writing here" not in str(exc):  # files.exclusive's refusal
+            raise
+        yield Notice(f"ensembles left to the other worker ({exc})")
+        return (yield from finish(out, plan, False, compare, device, stop))

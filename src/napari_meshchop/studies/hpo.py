@@ -15,88 +15,34 @@ JSON that ``meshchop train --params`` and ``meshchop experiment --params`` read.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from napari_meshchop import files
+from napari_meshchop import __version__, files
+from napari_meshchop.data import folds as _folds
 from napari_meshchop.errors import Cancelled, MeshchopError
-from napari_meshchop.events import StopFlag
+from napari_meshchop.events import Notice, StopFlag, relay
 from napari_meshchop.studies import engine
-from napari_meshchop.training import loop as train
+from napari_meshchop.studies.space import (
+    MIN_EPOCHS,
+    REDUCTION_FACTOR,
+    STUDY,
+    TRIALS,
+    Space,
+    recipe,
+)
+from napari_meshchop.training.config import TrainConfig
+from napari_meshchop.training.fold import train
+from napari_meshchop.training.loop import EpochEnd
+from napari_meshchop.training.state import find_resumable
 
-STUDY = "meshchop-hpo"
 JOURNAL = "study.journal"  # the default storage, in the output folder
 BEST = "best_params.json"
-TRIALS = "trials"  # trials/<NNN>/inner<J>/: the training runs of each trial
+TRIALS_DIR = "trials"  # trials/<NNN>/inner<J>/: the training runs of each trial
 KIND = "napari-meshchop/hpo"
-SEARCHED = ("channels", "lr", "weight_decay", "class_weights", "pct_start", "epochs")
-# Fields that depend on the machine or the data's place, not on the recipe.
-LOCAL = ("device", "amp", "activation_checkpointing", "memory_gb", "workers", "data_dir",
-         "outer_fold", "inner_fold", "full_outer", "seed")
-
-
-@dataclass
-class Space:
-    """The paper's search space; epochs is the fidelity (from ``min_epochs`` to
-    ``max_epochs``)."""
-
-    channels: tuple[int, int] = (5, 21)
-    lr: tuple[float, float] = (1e-4, 4e-2)  # log-uniform
-    weight_decay: tuple[float, float] = (1e-4, 4e-2)  # log-uniform
-    background_weight: tuple[float, float] = (0.0, 1.0)  # uniform; the lesion's is 1
-    pct_start: tuple[float, ...] = (0.02, 0.1, 0.2)  # OneCycle warm-up share
-    min_epochs: int = 15
-    max_epochs: int = 50
-
-    def __post_init__(self):
-        self.channels = (int(self.channels[0]), int(self.channels[1]))
-        for name in ("lr", "weight_decay", "background_weight"):
-            low, high = (float(v) for v in getattr(self, name))
-            if not low <= high or (name != "background_weight" and low <= 0):
-                raise MeshchopError(f"the {name} range must be low <= high"
-                                    + ("" if name == "background_weight" else ", above 0"))
-            setattr(self, name, (low, high))
-        self.pct_start = tuple(float(v) for v in self.pct_start)
-        if not 1 <= self.channels[0] <= self.channels[1]:
-            raise MeshchopError("the channels range must be 1 <= low <= high")
-        if not self.pct_start or not all(0 < v < 1 for v in self.pct_start):
-            raise MeshchopError("warm-up shares must lie between 0 and 1")
-        if not 1 <= self.min_epochs <= self.max_epochs:
-            raise MeshchopError("epochs must satisfy 1 <= min epochs <= max epochs")
-
-    def suggest(self, trial) -> dict:
-        """Sample a trial's TrainConfig fields."""
-        return {
-            "channels": trial.suggest_int("channels", *self.channels),
-            "lr": trial.suggest_float("lr", *self.lr, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", *self.weight_decay, log=True),
-            "class_weights": (trial.suggest_float("background_weight",
-                                                  *self.background_weight), 1.0),
-            "pct_start": trial.suggest_categorical("pct_start", list(self.pct_start)),
-            "epochs": self.max_epochs,
-        }
-
-    def config_fields(self, params: dict) -> dict:
-        """A trial's parameters (Optuna's names) as TrainConfig fields."""
-        return {"channels": int(params["channels"]), "lr": float(params["lr"]),
-                "weight_decay": float(params["weight_decay"]),
-                "class_weights": [float(params["background_weight"]), 1.0],
-                "pct_start": float(params["pct_start"]), "epochs": self.max_epochs}
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def recipe(config: train.TrainConfig) -> dict:
-    """The fixed part of the recipe: what every trial shares, the searched and the
-    machine's fields left out."""
-    return {k: v for k, v in config.to_dict().items() if k not in SEARCHED + LOCAL}
-
-
 # ---- events and result -------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -137,24 +83,24 @@ def _dice(value) -> float:
     return 0.0 if value is None or math.isnan(value) else float(value)
 
 
-def run_trial(trial, stop: StopFlag, base: train.TrainConfig, space: Space, out_dir: Path,
+def run_trial(trial, stop: StopFlag, base: TrainConfig, space: Space, out_dir: Path,
               inner_folds: int) -> Generator:
     """Train one trial on every inner fold, interleaved by epoch; report, prune; return
     the mean validation Dice of the last epoch. Resumes the folds' runs it finds."""
     import optuna
 
     config = replace(base, **space.suggest(trial))
-    folder = Path(out_dir) / TRIALS / f"{engine.origin(trial):03d}"
+    folder = Path(out_dir) / TRIALS_DIR / f"{engine.origin(trial):03d}"
     with files.exclusive(folder, "worker of this trial"):
         dice: list[dict[int, float]] = [{} for _ in range(inner_folds)]
         jobs = []
         for j in range(inner_folds):
             run_dir = folder / f"inner{j}"
-            found, _ = train.find_resumable(run_dir)
+            found, _ = find_resumable(run_dir)
             if found is not None:
                 for record in found.training.get("history", []):
                     dice[j][record["epoch"]] = _dice(record["val_dice"])
-            jobs.append(train.train(replace(config, inner_fold=j), run_dir,
+            jobs.append(train(replace(config, inner_fold=j), run_dir,
                                     resume=found is not None, stop=stop))
         reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
         live = list(range(inner_folds))
@@ -170,7 +116,7 @@ def run_trial(trial, stop: StopFlag, base: train.TrainConfig, space: Space, out_
                             raise Cancelled() from None
                         live.remove(j)
                         break
-                    if isinstance(event, train.EpochEnd):
+                    if isinstance(event, EpochEnd):
                         dice[j][event.epoch] = _dice(event.val_dice)
                         break
                     yield event
@@ -203,7 +149,7 @@ def sampler(seed: int = 42):
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
-def pruner(min_epochs: int = 15, reduction_factor: int = 3):
+def pruner(min_epochs: int = MIN_EPOCHS, reduction_factor: int = REDUCTION_FACTOR):
     import optuna
 
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs,
@@ -213,8 +159,6 @@ def pruner(min_epochs: int = 15, reduction_factor: int = 3):
 def best_params(study, space: Space) -> dict | None:
     """The best complete trial's parameters as a ``--params`` file's content."""
     from optuna.trial import TrialState
-
-    from napari_meshchop import __version__
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -237,9 +181,9 @@ def best_params(study, space: Space) -> dict | None:
     }
 
 
-def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50,
+def search(base: TrainConfig, out_dir: str | os.PathLike, trials: int = TRIALS,
            space: Space | None = None, storage: str | os.PathLike | None = None,
-           study_name: str = STUDY, reduction_factor: int = 3, seed: int = 42,
+           study_name: str = STUDY, reduction_factor: int = REDUCTION_FACTOR, seed: int = 42,
            heartbeat: int = engine.HEARTBEAT, grace: int | None = None,
            stop: StopFlag = None, poll: float | None = None, wait: bool = True
            ) -> Generator:
@@ -249,8 +193,6 @@ def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50
     ``storage`` is a journal file (default ``out_dir/study.journal``) or a database URL;
     workers that give the same storage and study name share the trials.
     """
-    from napari_meshchop.data import folds as _folds
-
     space = space or Space()
     out_dir = Path(out_dir)
     if base.outer_fold is None:
@@ -258,9 +200,7 @@ def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50
     if trials < 1:
         raise MeshchopError("the number of trials must be at least 1")
     made = _folds.load(base.data_dir)
-    if not 0 <= base.outer_fold < made.outer_folds:
-        raise MeshchopError(f"outer fold {base.outer_fold} does not exist "
-                            f"(0..{made.outer_folds - 1})")
+    made.outer_fold(base.outer_fold)
     inner = made.inner_folds
     where = storage if storage is not None else out_dir / JOURNAL
     meta = {"kind": KIND, "outer_fold": base.outer_fold, "inner_folds": inner,
@@ -275,24 +215,21 @@ def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50
     planned = engine.counts(study).planned
     if not created:
         tpe.reseed_rng()  # seed 42 stays with the study's first worker
-        yield train.Notice(f"joined study {study_name!r} ({planned} trials planned)"
+        yield Notice(f"joined study {study_name!r} ({planned} trials planned)"
                            + (f"; --trials {trials} is ignored" if planned != trials else ""))
 
     def unit(trial, halt):
         return run_trial(trial, halt, base, space, out_dir, inner)
 
     best_path = out_dir / BEST
-    job = engine.work(study, unit, stop, poll, wait)
-    while True:
-        try:
-            event = next(job)
-        except StopIteration as end:
-            result = end.value
-            break
-        yield event
+
+    def with_best(event):  # a trial complete: the best so far on disk, and said
         if isinstance(event, engine.Finished) and event.state == "COMPLETE":
             best = _write_best(study, space, best_path, where)
-            yield Best(best["trial"], best["value"], best["params"])
+            return [event, Best(best["trial"], best["value"], best["params"])]
+        return event
+
+    result = yield from relay(engine.work(study, unit, stop, poll, wait), with_best)
     best = _write_best(study, space, best_path, where)
     return SearchResult(study_name, engine.redact(where), best,
                         best_path if best is not None else None, result.counts,

@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import (
     CheckBox,
-    ComboBox,
     Container,
     FileEdit,
-    FloatSpinBox,
     Label,
     LineEdit,
     ProgressBar,
@@ -29,11 +27,16 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from napari_meshchop.errors import MeshchopError
+from napari_meshchop.events import Notice
 from napari_meshchop.imaging.preprocess import PreprocessSpec
-from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.widgets.feedback import report_error
-from napari_meshchop.studies import engine, hpo
-from napari_meshchop.training import loop as train
+from napari_meshchop.plugin.widgets.segment import offer_checkpoint
+from napari_meshchop.plugin.widgets.settings import SettingsForm, shown
+from napari_meshchop.studies import engine, hpo, space
+from napari_meshchop.training import config as _config
+from napari_meshchop.training.config import TrainConfig
+from napari_meshchop.training.fold import train
+from napari_meshchop.training.loop import EpochEnd, Step, TrainResult
 
 if TYPE_CHECKING:
     import napari
@@ -82,41 +85,33 @@ class LossPlot:
 
 
 class TrainWidget(Container):
+    BASIC = ("channels", "epochs", "device")  # the settings shown without "Advanced"
+
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=False)
         self._viewer = viewer
         self.worker = None
         self._stop = threading.Event()
-        self.result: train.TrainResult | None = None
-        d = train.TrainConfig()
+        self.result: TrainResult | None = None
         self._data = FileEdit(label="Data folder", mode="d", value="data/arc")
         self._outer = SpinBox(label="Outer fold", min=0, max=9, value=0)
         self._inner = SpinBox(label="Inner fold", min=0, max=9, value=0)
         self._full = CheckBox(text="Train on the full outer fold (no validation)")
-        self._channels = SpinBox(label="Model width", min=1, max=256, value=d.channels,
-                                 tooltip="channels per block: 5, 16, 26 or any")
-        self._epochs = SpinBox(label="Epochs", min=1, max=10_000, value=d.epochs)
-        self._device = ComboBox(label="Device", choices=available_devices())
         self._out = FileEdit(label="Run folder", mode="d", value="runs/meshnet")
         self._resume = CheckBox(text="Resume the run in this folder")
         self._advanced = CheckBox(text="Advanced")
-        self._lr = FloatSpinBox(label="Learning rate", min=1e-6, max=1.0, step=1e-4,
-                                value=d.lr)
-        self._weight_decay = FloatSpinBox(label="Weight decay", min=0, max=1, step=1e-5,
-                                          value=d.weight_decay)
-        self._smoothing = FloatSpinBox(label="Label smoothing", min=0, max=0.5, step=0.01,
-                                       value=d.label_smoothing)
-        self._seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=d.seed)
-        self._crop = SpinBox(label="Crop (0: whole)", min=0, max=512, value=0)
-        self._preprocess = ComboBox(label="Preprocessing", choices=["conform", "ras-minmax"])
+        # The settings' fields come from their metadata (training/config.py).
+        basic = self.BASIC
+        self.settings = SettingsForm(basic)
+        self.advanced_settings = SettingsForm(tuple(n for n in shown() if n not in basic))
+        self._preprocess = self.advanced_settings.fields["preprocess"]
         self._shape = SpinBox(label="Grid (ras-minmax)", min=8, max=512, value=256)
-        self._checkpointing = ComboBox(label="Act. checkpointing", choices=["auto", "on", "off"])
-        advanced = Container(widgets=[self._lr, self._weight_decay, self._smoothing,
-                                      self._seed, self._crop, self._preprocess, self._shape,
-                                      self._checkpointing], labels=True, visible=False)
+        advanced = Container(widgets=[self.advanced_settings, self._shape], labels=False,
+                             visible=False)
         self._advanced_box = advanced
-        inputs = Container(widgets=[self._data, self._outer, self._inner, self._channels,
-                                    self._epochs, self._device, self._out], labels=True)
+        inputs = Container(widgets=[
+            Container(widgets=[self._data, self._outer, self._inner], labels=True),
+            self.settings, Container(widgets=[self._out], labels=True)], labels=False)
         self._start = PushButton(text="Start")
         self._epoch_bar = ProgressBar(label="Epochs", min=0, max=1, value=0)
         self._step_bar = ProgressBar(label="Steps", min=0, max=1, value=0)
@@ -134,15 +129,13 @@ class TrainWidget(Container):
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._start.clicked.connect(self.toggle)
 
-    def config(self) -> train.TrainConfig:
+    def config(self) -> TrainConfig:
         shape = (self._shape.value,) * 3 if self._preprocess.value == "ras-minmax" else None
         spec = PreprocessSpec(self._preprocess.value, **({"shape": shape} if shape else {}))
-        return train.TrainConfig(
-            channels=self._channels.value, epochs=self._epochs.value, lr=self._lr.value,
-            weight_decay=self._weight_decay.value, label_smoothing=self._smoothing.value,
-            seed=self._seed.value, device=self._device.value, crop=self._crop.value or None,
-            activation_checkpointing=self._checkpointing.value, preprocess=spec.to_dict(),
-            data_dir=str(self._data.value), outer_fold=self._outer.value,
+        return TrainConfig(
+            **self.settings.values(), **self.advanced_settings.values(),
+            preprocess=spec.to_dict(), data_dir=str(self._data.value),
+            outer_fold=self._outer.value,
             inner_fold=None if self._full.value else self._inner.value,
             full_outer=self._full.value)
 
@@ -168,7 +161,7 @@ class TrainWidget(Container):
         self._epoch_bar.max = config.epochs
         self._epoch_bar.value = 0
         self.worker = create_worker(
-            train.train, config, Path(self._out.value), self._resume.value, self._stop,
+            train, config, Path(self._out.value), self._resume.value, self._stop,
             _start_thread=False,
             _connect={"yielded": self._on_event, "returned": self._on_result,
                       "errored": self._on_error, "finished": self._on_finished})
@@ -182,26 +175,24 @@ class TrainWidget(Container):
             self._status.value = "Stopping after this step..."
 
     def _on_event(self, event) -> None:
-        if isinstance(event, train.Step):
+        if isinstance(event, Step):
             self._step_bar.max = max(event.total, 1)
             self._step_bar.value = event.done
             self.plot.add_step(event.done, event.loss)
             self._status.value = f"{event.message}: loss {event.loss:.4f}"
-        elif isinstance(event, train.EpochEnd):
+        elif isinstance(event, EpochEnd):
             self._epoch_bar.max = event.epochs
             self._epoch_bar.value = event.epoch + 1
             self.plot.add_epoch(self._step_bar.value, event.val_dice)
-        elif isinstance(event, train.Notice):
+        elif isinstance(event, Notice):
             self._status.value = event.message
 
-    def _on_result(self, result: train.TrainResult) -> None:
+    def _on_result(self, result: TrainResult) -> None:
         self.result = result
         self.plot.add_epoch(result.step, None)
         self._epoch_bar.value = result.epochs_done
         verb = "Stopped" if result.stopped else "Finished"
         self._status.value = f"{verb} after {result.epochs_done} epochs; {result.checkpoint}"
-        from napari_meshchop.plugin.widgets.segment import offer_checkpoint
-
         offer_checkpoint(self._viewer, result.checkpoint)
         show_info(f"Training {verb.lower()}; checkpoint {result.checkpoint}")
 
@@ -227,16 +218,16 @@ class SearchSection(Container):
         self.worker = None
         self._stop = threading.Event()
         self.result: hpo.SearchResult | None = None
-        space = hpo.Space()
-        self._trials = SpinBox(label="Trials", min=1, max=10_000, value=50)
+        defaults = space.Space()
+        self._trials = SpinBox(label="Trials", min=1, max=10_000, value=space.TRIALS)
         self._min_epochs = SpinBox(label="Min epochs (rung 1)", min=1, max=10_000,
-                                   value=space.min_epochs)
+                                   value=defaults.min_epochs)
         self._max_epochs = SpinBox(label="Max epochs", min=1, max=10_000,
-                                   value=space.max_epochs)
+                                   value=defaults.max_epochs)
         self._storage = LineEdit(label="Storage", value="",
                                  tooltip="empty: a journal file in the run folder; or a "
                                  "database URL that workers on other machines share")
-        self._study = LineEdit(label="Study", value=hpo.STUDY)
+        self._study = LineEdit(label="Study", value=space.STUDY)
         self._start = PushButton(text="Start search")
         self._best = Label(value="")
         self._status = Label(value="")
@@ -260,8 +251,8 @@ class SearchSection(Container):
     def start(self) -> None:
         try:
             config = self._owner.config()
-            space = hpo.Space(min_epochs=self._min_epochs.value,
-                              max_epochs=self._max_epochs.value)
+            chosen = space.Space(min_epochs=self._min_epochs.value,
+                                 max_epochs=self._max_epochs.value)
         except (MeshchopError, ValueError) as exc:
             show_error(str(exc))
             return
@@ -269,8 +260,8 @@ class SearchSection(Container):
         self.result = None
         self._show_rows([])
         self.worker = create_worker(
-            hpo.search, config, Path(self._owner._out.value), self._trials.value, space,
-            self._storage.value.strip() or None, self._study.value.strip() or hpo.STUDY,
+            hpo.search, config, Path(self._owner._out.value), self._trials.value, chosen,
+            self._storage.value.strip() or None, self._study.value.strip() or space.STUDY,
             stop=self._stop, _start_thread=False,
             _connect={"yielded": self._on_event, "returned": self._on_result,
                       "errored": self._on_error, "finished": self._on_finished})
@@ -289,16 +280,16 @@ class SearchSection(Container):
             value = "" if event.value is None else f"{event.value:.3f}"
             self._show_rows([*self.rows, [event.number, event.state.lower(), value]])
         elif isinstance(event, hpo.Best):
-            shown = {k: v for k, v in event.params.items() if k in hpo.SEARCHED}
+            shown = {k: v for k, v in event.params.items() if k in _config.searched()}
             self._best.value = (f"Best so far: trial {event.trial}, mean Dice "
                                 f"{event.value:.3f}\n" + ", ".join(
                                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in shown.items()))
         elif isinstance(event, engine.Waiting):
             self._status.value = f"Waiting for {event.running} trial(s) on other workers"
-        elif isinstance(event, train.Notice):
+        elif isinstance(event, Notice):
             self._status.value = event.message
-        elif isinstance(event, train.Step):
+        elif isinstance(event, Step):
             self._owner._step_bar.max = max(event.total, 1)
             self._owner._step_bar.value = event.done
 
