@@ -26,11 +26,11 @@ from napari_meshchop.data.cache import ArcDataset
 from napari_meshchop.errors import Cancelled
 from napari_meshchop.evaluation.metrics import METRICS, confusion, scores, summarize
 from napari_meshchop.events import Progress, StopFlag, check_stop, run
+from napari_meshchop.imaging.geometry import voxel_volume_ml
 from napari_meshchop.imaging.nifti import save_mask
 from napari_meshchop.network.inference import (
     load_predictor,
     resolve_device,
-    voxel_volume_ml,
 )
 
 THRESHOLD = 0.5

@@ -116,3 +116,8 @@ def _separable_linear(data, matrix, offset, out, cval):
             dst[block] = low
         src = dst
     return out
+
+
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel of a grid with this voxel-to-world affine (mm), in mL."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
+from napari_meshchop.imaging.geometry import voxel_volume_ml
 from napari_meshchop.imaging.nifti import load_volume, save_mask
 from napari_meshchop.imaging.preprocess import prepare, to_source
 from napari_meshchop.network import checkpoint as ckpt_io
@@ -173,10 +174,6 @@ class SegmentResult:
     lesion_voxels: int
     model: str
     device: str
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
 def load_model(model: str | os.PathLike | ckpt_io.Checkpoint) -> tuple[ckpt_io.Checkpoint, str]:
