@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from napari_meshchop.errors import Cancelled
@@ -41,6 +42,92 @@ class DownloadProgress(Progress):
     """A download's step: ``done`` of ``total`` items, and ``nbytes`` received so far."""
 
     nbytes: int = 0
+
+
+# ---- training ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step(Progress):
+    """One optimizer step: ``done`` of ``total`` steps of the whole run."""
+
+    epoch: int = 0
+    loss: float = float("nan")
+    lr: float = float("nan")
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    epoch: int  # 0-based; epochs done = epoch + 1
+    epochs: int
+    train_loss: float
+    val_dice: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CheckpointWritten:
+    path: Path
+    epoch: int
+    step: int
+    best: bool = False
+
+
+# ---- many runs: the study engine, the experiment, the search ------------------------
+
+@dataclass(frozen=True)
+class Claimed:
+    """A worker took a unit of a shared study."""
+
+    number: int  # trial number
+    origin: int  # the unit's first trial number
+    unit: dict
+    resumed: bool  # a retry of a unit another worker (or this one) left unfinished
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A unit ended on this worker."""
+
+    number: int
+    origin: int
+    unit: dict
+    state: str  # COMPLETE, PRUNED, FAIL, REQUEUED (stopped; back in the queue), LOST
+    value: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Nothing left to claim here while other workers still run units."""
+
+    running: int  # units running on other workers, which may still come back
+
+
+@dataclass(frozen=True)
+class RunProgress(Progress):
+    """``done`` of ``total`` runs; ``message`` names the run starting or just done."""
+
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """A trial's mean validation Dice after ``epoch`` epochs on every inner fold."""
+
+    number: int
+    epoch: int  # epochs done (1-based), the pruner's step
+    epochs: int
+    fold_dice: tuple[float, ...]
+    mean: float
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best complete trial so far (written to best_params.json)."""
+
+    trial: int
+    value: float
+    params: dict  # TrainConfig fields
 
 
 StopFlag = Callable[[], bool] | threading.Event | None

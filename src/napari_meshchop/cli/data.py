@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from napari_meshchop.cli.progress import drive
-from napari_meshchop.data import arc, folds
+from napari_meshchop.data import DEFAULT_DATA_DIR, REPO, folds
 
-DATA_DIR = str(arc.DEFAULT_DATA_DIR)
+DATA_DIR = str(DEFAULT_DATA_DIR)
 
 
 def add_data_dir(p: argparse.ArgumentParser, holds: str = "manifest.json and folds.json",
@@ -24,8 +24,8 @@ def add_data_dir(p: argparse.ArgumentParser, holds: str = "manifest.json and fol
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("download", help="fetch the paper's ARC cohort (T2w + lesion masks, "
                        "about 25 GB) from the Hugging Face hub; resumes; writes folds")
-    d.add_argument("--repo", default=arc.REPO,
-                   help=f"hub dataset id, or a local copy laid out like it (default {arc.REPO})")
+    d.add_argument("--repo", default=REPO,
+                   help=f"hub dataset id, or a local copy laid out like it (default {REPO})")
     d.add_argument("--revision", default=None, help="hub branch, tag or commit (default main)")
     add_data_dir(d, "the pairs and manifest.json to write")
     d.add_argument("--no-folds", action="store_true", help="do not write folds.json")
@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def download(args) -> int:
+    from napari_meshchop.data import arc  # deferred: nibabel
+
     job = arc.download(args.data_dir, repo=args.repo, revision=args.revision,
                        folds=not args.no_folds)
     try:

@@ -12,6 +12,14 @@ from napari_meshchop.cli.progress import StopOnCtrlC, drive
 from napari_meshchop.cli.train import add_recipe_flags, flag, train_config
 from napari_meshchop.data import folds as _folds
 from napari_meshchop.errors import Cancelled, MeshchopError
+from napari_meshchop.events import (
+    Best,
+    Claimed,
+    Finished,
+    RunProgress,
+    TrialReport,
+    Waiting,
+)
 from napari_meshchop.studies import engine, plan, space
 from napari_meshchop.training import config as _config
 
@@ -129,7 +137,7 @@ def experiment(args) -> int:
             f" --storage {engine.redact(args.storage)} --study {args.study}"
             if args.storage else "")
         try:
-            doc = drive(job, args.quiet, outer=protocol.RunProgress)
+            doc = drive(job, args.quiet, outer=RunProgress)
         except (Cancelled, KeyboardInterrupt):
             print(f"meshchop: stopped; complete runs are kept and an interrupted one resumes "
                   f"from its checkpoint: run `{resume}` to continue", file=sys.stderr)
@@ -185,17 +193,17 @@ def hpo(args) -> int:
         return f"waiting: {running} trial(s) on other workers" if changed else None
 
     lines = {
-        engine.Claimed: claimed,
-        search.TrialReport: lambda e: (
+        Claimed: claimed,
+        TrialReport: lambda e: (
             f"{trial}: epoch {e.epoch}/{e.epochs}, mean validation Dice {e.mean:.3f} ("
             + ", ".join(f"{d:.3f}" for d in e.fold_dice) + ")"),
-        engine.Finished: lambda e: (
+        Finished: lambda e: (
             f"trial {e.number}: {e.state.lower()}"
             + ("" if e.value is None else f", mean validation Dice {e.value:.3f}")
             + f" ({e.seconds:.0f} s)"),
-        search.Best: lambda e: f"best so far: trial {e.trial}, mean validation Dice "
+        Best: lambda e: f"best so far: trial {e.trial}, mean validation Dice "
                                f"{e.value:.3f}",
-        engine.Waiting: waiting,
+        Waiting: waiting,
     }
     with StopOnCtrlC() as stop:
         job = search.search(config, args.out, args.trials, chosen, args.storage, args.study,

@@ -12,8 +12,9 @@ import sys
 from napari_meshchop.cli.data import add_data_dir
 from napari_meshchop.cli.progress import StopOnCtrlC, drive
 from napari_meshchop.errors import MeshchopError
-from napari_meshchop.imaging.preprocess import KNOWN as PREPROCESSINGS
-from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.events import EpochEnd
+from napari_meshchop.imaging.spec import KNOWN as PREPROCESSINGS
+from napari_meshchop.imaging.spec import PreprocessSpec
 from napari_meshchop.training import config as _config
 from napari_meshchop.training.config import TrainConfig
 
@@ -106,7 +107,6 @@ def epoch_line(event) -> str:
 
 def train(args) -> int:
     from napari_meshchop.training.fold import train as train_fold  # deferred: torch
-    from napari_meshchop.training.loop import EpochEnd
 
     if args.outer_fold is None and not args.resume:
         raise MeshchopError("choose an outer fold with --outer-fold K (or --resume a run)")

@@ -39,14 +39,13 @@ import nibabel as nib
 import numpy as np
 
 from napari_meshchop import files
+from napari_meshchop.data import DEFAULT_DATA_DIR, REPO  # noqa: F401 - this module's API
 from napari_meshchop.data import folds as _folds
 from napari_meshchop.data import manifest as _manifest
 from napari_meshchop.data.manifest import Excluded, Manifest, Pair
 from napari_meshchop.errors import InputError, MeshchopError
 from napari_meshchop.events import DownloadProgress, Progress, StopFlag, check_stop
 
-REPO = "hugging-science/arc-aphasia-bids"
-DEFAULT_DATA_DIR = Path("data") / "arc"
 SPACE = ("space_2x", "space_no_accel")
 TSE = "turbo_spin_echo"
 # BIDS acq- labels of ARC's T2w runs and the names the hub's t2w_acquisition column uses.

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_meshchop.errors import Cancelled, MeshchopError
-from napari_meshchop.events import StopFlag, stop_requested
+from napari_meshchop.events import Claimed, Finished, StopFlag, Waiting, stop_requested
 
 HEARTBEAT = 60  # seconds between a worker's signs of life
 GRACE_BEATS = 3  # beats missed after which a worker counts as dead (default grace)
@@ -253,29 +253,6 @@ def counts(study) -> Counts:
 
 
 # ---- events ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Claimed:
-    number: int  # trial number
-    origin: int  # the unit's first trial number
-    unit: dict
-    resumed: bool  # a retry of a unit another worker (or this one) left unfinished
-
-
-@dataclass(frozen=True)
-class Finished:
-    number: int
-    origin: int
-    unit: dict
-    state: str  # COMPLETE, PRUNED, FAIL, REQUEUED (stopped; back in the queue), LOST
-    value: float | None
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Waiting:
-    running: int  # units running on other workers, which may still come back
-
 
 @dataclass
 class WorkResult:

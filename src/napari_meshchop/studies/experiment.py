@@ -35,7 +35,13 @@ from napari_meshchop import files
 from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
 from napari_meshchop.evaluation import evaluate, report
-from napari_meshchop.events import Notice, Progress, StopFlag, check_stop, relay
+from napari_meshchop.events import (
+    Notice,
+    RunProgress,
+    StopFlag,
+    check_stop,
+    relay,
+)
 from napari_meshchop.studies import engine
 from napari_meshchop.studies.plan import FORMAT, Plan, Run, load_plan, settle
 from napari_meshchop.training.fold import train
@@ -60,13 +66,6 @@ class RunResult:
         values = [r[metric] for r in self.records  # saved records hold NaN as None
                   if not r.get("error") and r.get(metric) is not None]
         return sum(values) / len(values) if values else float("nan")
-
-
-@dataclass(frozen=True)
-class RunProgress(Progress):
-    """``done`` of ``total`` runs; ``message`` names the run starting or just done."""
-
-    key: str = ""
 
 
 def load_results(folder: str | os.PathLike, identity: dict) -> tuple[Path, list[dict]] | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from napari_meshchop import __version__, files
 from napari_meshchop.data import folds as _folds
 from napari_meshchop.errors import Cancelled, MeshchopError
-from napari_meshchop.events import Notice, StopFlag, relay
+from napari_meshchop.events import Best, Notice, StopFlag, TrialReport, relay
 from napari_meshchop.studies import engine
 from napari_meshchop.studies.space import (
     MIN_EPOCHS,
@@ -44,26 +44,6 @@ BEST = "best_params.json"
 TRIALS_DIR = "trials"  # trials/<NNN>/inner<J>/: the training runs of each trial
 KIND = "napari-meshchop/hpo"
 # ---- events and result -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrialReport:
-    """A trial's mean validation Dice after ``epoch`` epochs on every inner fold."""
-
-    number: int
-    epoch: int  # epochs done (1-based), the pruner's step
-    epochs: int
-    fold_dice: tuple[float, ...]
-    mean: float
-
-
-@dataclass(frozen=True)
-class Best:
-    """The best complete trial so far (written to best_params.json)."""
-
-    trial: int
-    value: float
-    params: dict  # TrainConfig fields
-
 
 @dataclass
 class SearchResult:

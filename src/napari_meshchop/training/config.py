@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_meshchop.errors import InputError, MeshchopError
-from napari_meshchop.imaging.preprocess import KNOWN as PREPROCESSINGS
-from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.imaging.spec import KNOWN as PREPROCESSINGS
+from napari_meshchop.imaging.spec import PreprocessSpec
 from napari_meshchop.network.architecture import PAPER_DILATIONS, Architecture
 from napari_meshchop.network.devices import DEVICES
 

@@ -34,7 +34,16 @@ import torch
 from napari_meshchop import files
 from napari_meshchop.errors import Cancelled, MeshchopError
 from napari_meshchop.evaluation.evaluate import SubjectResult, evaluate_dataset
-from napari_meshchop.events import Notice, Progress, StopFlag, relay, stop_requested
+from napari_meshchop.events import (
+    CheckpointWritten,
+    EpochEnd,
+    Notice,
+    Progress,
+    Step,
+    StopFlag,
+    relay,
+    stop_requested,
+)
 from napari_meshchop.network import checkpoint as ckpt_io
 from napari_meshchop.network.inference import FusedMeshNet, resolve_device
 from napari_meshchop.network.model import MeshNet
@@ -69,32 +78,6 @@ from napari_meshchop.training.state import (
 )
 
 # ---- events -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Step(Progress):
-    """One optimizer step: ``done`` of ``total`` steps of the whole run."""
-
-    epoch: int = 0
-    loss: float = float("nan")
-    lr: float = float("nan")
-
-
-@dataclass(frozen=True)
-class EpochEnd:
-    epoch: int  # 0-based; epochs done = epoch + 1
-    epochs: int
-    train_loss: float
-    val_dice: float | None
-    seconds: float
-
-
-@dataclass(frozen=True)
-class CheckpointWritten:
-    path: Path
-    epoch: int
-    step: int
-    best: bool = False
-
 
 @dataclass
 class TrainResult:
