@@ -43,6 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_meshchop.data import manifest as _manifest
+from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.errors import Cancelled, MeshchopError
 from napari_meshchop.evaluation import evaluate
 from napari_meshchop.events import Progress
@@ -202,7 +203,7 @@ class EvaluateWidget(Container):
 
     def subject_ids(self, data_dir: Path) -> list[str]:
         inner = self._inner.value if self._part.value == "val" else None
-        ids = evaluate.fold_ids(data_dir, self._outer.value, self._part.value, inner)
+        ids = fold_ids(data_dir, self._outer.value, self._part.value, inner)
         if not ids:
             raise MeshchopError(f"{data_dir}: that part of the fold has no subjects")
         return ids
