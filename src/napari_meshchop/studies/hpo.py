@@ -156,7 +156,7 @@ def run_trial(trial, stop: StopFlag, base: train.TrainConfig, space: Space, out_
                     dice[j][record["epoch"]] = _dice(record["val_dice"])
             jobs.append(train.train(replace(config, inner_fold=j), run_dir,
                                     resume=found is not None, stop=stop))
-        reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+        reported = set(engine.frozen(trial).intermediate_values)  # by earlier workers
         live = list(range(inner_folds))
         try:
             while live:
@@ -268,10 +268,10 @@ def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50
             "reduction_factor": reduction_factor, "recipe": recipe(base)}
     out_dir.mkdir(parents=True, exist_ok=True)
     tpe = sampler(seed)
+    storage = engine.open_storage(where, heartbeat, grace)
     study, created = engine.open_study(
-        engine.open_storage(where, heartbeat, grace), study_name,
-        [{"slot": i} for i in range(trials)], meta, tpe, pruner(space.min_epochs,
-                                                                 reduction_factor))
+        storage, study_name, [{"slot": i} for i in range(trials)], meta, tpe,
+        pruner(space.min_epochs, reduction_factor))
     planned = engine.counts(study).planned
     if not created:
         tpe.reseed_rng()  # seed 42 stays with the study's first worker
@@ -282,7 +282,7 @@ def search(base: train.TrainConfig, out_dir: str | os.PathLike, trials: int = 50
         return run_trial(trial, halt, base, space, out_dir, inner)
 
     best_path = out_dir / BEST
-    job = engine.work(study, unit, stop, poll, wait)
+    job = engine.work(storage, study, unit, stop, poll, wait)
     while True:
         try:
             event = next(job)
