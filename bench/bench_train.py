@@ -7,8 +7,9 @@ on one ``size``^3 volume (batch 1), through ``forward(model, x, mode)``:
 * ``lean``: one stored activation per block, ReLU outputs recomputed (``lean.py``);
 * ``checkpoint``: ``torch.utils.checkpoint`` over each block (recomputes the convolutions).
 
-Each (mode, size) runs in a fresh process, as ``meshchop train`` would run it (a lean step
-first asks glibc to return freed buffers at once: ``lean.return_freed_memory``): a warm-up
+Each (mode, size) runs in a fresh process, as ``meshchop train`` would run it (a training
+process, whose lean step first asks glibc to return freed buffers at once:
+``lean.claim_allocator`` and ``lean.return_freed_memory``): a warm-up
 step, then ``--rounds`` timed steps. The peak RSS (``ru_maxrss``) above the process's
 baseline (model built, input made) is reported, and the median step time; on CUDA, the peak
 allocated device memory above the same baseline. Run on a quiet machine (the modes run one
@@ -63,7 +64,8 @@ def measure(mode: str, size: int, channels: int, device: str, rounds: int) -> di
 
     from napari_meshchop.training import lean
 
-    if mode == "lean":
+    if mode == "lean":  # this child process exists to train, as `meshchop train` does
+        lean.claim_allocator()
         lean.return_freed_memory()
     model, opt, loss_fn, x, y = _setup(size, channels, device)
     if device == "cuda":

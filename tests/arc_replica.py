@@ -11,7 +11,9 @@ download must handle:
 - a SPACE session without a mask, and an fMRI-only session without T2w or mask;
 - sub-M2105 ses-964 with two T2w runs (6 listed first, then 11) and the mask on run 11,
   in PSR orientation as in the real data;
-- a mask stored as 1 with scl_slope 1/255 (0.0039 after scaling).
+- a mask stored as 1 with scl_slope 1/255 (0.0039 after scaling);
+- sub-M2005's T2w stored as plain NIfTI bytes under its ``.nii.gz`` name, as ``datasets``
+  stores a nibabel image that it encodes itself.
 
 ``build(root, mismatch=True)`` adds a session whose mask is on another grid than its T2w.
 
@@ -69,17 +71,19 @@ def t2w_volume(shape, seed, lesion) -> np.ndarray:
     return np.clip(img, 0, None).astype(np.int16)
 
 
-def nifti_bytes(data, aff, slope=None) -> bytes:
+def nifti_bytes(data, aff, slope=None, plain=False) -> bytes:
     img = nib.Nifti1Image(data, aff)
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
     if slope is not None:
         img.header.set_slope_inter(slope, 0.0)
-    return gzip.compress(img.to_bytes(), mtime=0)
+    return img.to_bytes() if plain else gzip.compress(img.to_bytes(), mtime=0)
 
 
-def nifti(name, data, aff, slope=None) -> dict:
-    return {"bytes": nifti_bytes(data, aff, slope), "path": name}
+def nifti(name, data, aff, slope=None, plain=False) -> dict:
+    """A row's NIfTI: gzipped bytes, or with ``plain`` the bytes ``datasets`` stores for a
+    nibabel image (``Nifti.encode_example``: ``img.to_bytes()``), whatever ``name`` says."""
+    return {"bytes": nifti_bytes(data, aff, slope, plain), "path": name}
 
 
 def _row(subject, session, *, t2w=(), acquisition=None, lesion=None, t1w=False, bold=False):
@@ -100,12 +104,12 @@ def _row(subject, session, *, t2w=(), acquisition=None, lesion=None, t1w=False, 
 
 
 def pair(subject, session, acq_label, run, *, seed, orientation="RAS", slope=None,
-         mask_shape=None, centre=(8, 6, 5), radius=2.5):
+         mask_shape=None, centre=(8, 6, 5), radius=2.5, plain_image=False):
     """A T2w run and the lesion mask drawn on it, named as in ARC."""
     name = f"{subject}_{session}_acq-{acq_label}_run-{run}_T2w"
     aff = affine(orientation)
     lesion = lesion_of(SHAPE, centre, radius)
-    image = nifti(f"{name}.nii.gz", t2w_volume(SHAPE, seed, lesion), aff)
+    image = nifti(f"{name}.nii.gz", t2w_volume(SHAPE, seed, lesion), aff, plain=plain_image)
     mask_data = lesion.astype(np.uint8)
     if mask_shape is not None:
         mask_data = np.zeros(mask_shape, np.uint8)
@@ -125,7 +129,8 @@ def rows(mismatch: bool = False) -> list[dict]:
     image, _ = pair("sub-M2003", "ses-2000", "spc3p2", 5, seed=3)
     out.append(_row("sub-M2003", "ses-2000", t2w=[image], acquisition="space_2x", t1w=True))
     out.append(_row("sub-M2004", "ses-10", bold=True))
-    image, mask = pair("sub-M2005", "ses-4334", "spc3p2", 7, seed=5, radius=3.5)
+    image, mask = pair("sub-M2005", "ses-4334", "spc3p2", 7, seed=5, radius=3.5,
+                       plain_image=True)
     out.append(_row("sub-M2005", "ses-4334", t2w=[image], acquisition="space_2x", lesion=mask))
     if mismatch:
         image, mask = pair("sub-M2010", "ses-50", "spc3p2", 2, seed=10, mask_shape=(14, 12, 9))

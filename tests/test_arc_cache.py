@@ -48,10 +48,10 @@ def test_cached_pair_is_what_preprocessing_gives(data, tmp_path):
     img = nib.load(data / pair.image)
     prepared = prepare(img, SMALL)
     mask = prepare_mask(nib.load(data / pair.mask), img, SMALL)
-    assert loaded.image.dtype == np.uint8 and loaded.mask.dtype == np.uint8
+    assert loaded.image.dtype == np.float32 and loaded.mask.dtype == np.uint8  # ras-minmax
     np.testing.assert_array_equal(loaded.image, built.image)
     np.testing.assert_array_equal(loaded.mask, mask)
-    np.testing.assert_allclose(loaded.image_float(), prepared.volume, atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(loaded.image_float(), prepared.volume)
     np.testing.assert_allclose(loaded.affine, prepared.affine)
     assert loaded.mask.sum() > 0
     assert not list(tmp_path.glob(".*.part"))  # written atomically
@@ -64,6 +64,41 @@ def test_conform_is_cached_exactly(data, tmp_path):
     assert loaded.image.shape == (256, 256, 256)
     np.testing.assert_array_equal(loaded.image_float(), prepare(img, PreprocessSpec()).volume)
     assert loaded.mask.sum() > 0  # the slope did not round the lesion away
+
+
+@pytest.mark.parametrize("spec", [PreprocessSpec(), SMALL], ids=["conform", "ras-minmax"])
+def test_training_and_segmentation_feed_the_network_the_same_numbers(data, tmp_path, spec,
+                                                                      monkeypatch):
+    """What `meshchop segment` feeds the network for a file (caught at the network's door)
+    equals, bit for bit, what the Dataset serves for training and the evaluation core
+    scores, fresh and from the cache file alike."""
+    from napari_meshchop.evaluation import evaluate
+    from napari_meshchop.network import checkpoint, inference
+    from napari_meshchop.network.model import Architecture, MeshNet
+
+    fed = []
+
+    def network(self, volume, stop=None):
+        fed.append(np.array(volume, dtype=np.float32))
+        return np.zeros(volume.shape, np.float32)
+        yield  # a job generator, as the real pass
+
+    monkeypatch.setattr(inference.FusedMeshNet, "lesion_probability", network)
+    pair = manifest.load(data).pair("sub-M2105_ses-964")  # PSR, two runs
+    model = checkpoint.from_model(MeshNet(Architecture(channels=2, dilations=(1,))).eval(),
+                                  spec)
+    events.run(inference.segment_file(data / pair.image, tmp_path / "mask.nii.gz", model,
+                                      "cpu"))
+    (segmented,) = fed
+    assert segmented.shape == spec.shape
+    served = []
+    for _ in range(2):  # preprocessed and stored, then loaded from the cache file
+        ds = cache.ArcDataset(data, ids=[pair.id], spec=spec, cache_dir=tmp_path / "cache")
+        served.append(ds[0][0][0].numpy())
+        served.append(evaluate.dataset_subjects(ds)[0]().image)
+    for image in served:
+        assert image.dtype == np.float32 and image.tobytes() == segmented.tobytes()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
 
 def test_damaged_cache_file_is_rebuilt(data, tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import subprocess
@@ -120,10 +121,90 @@ def test_manifest_records_files_and_checksums(downloaded):
                                   (pair.mask, pair.mask_sha256, pair.mask_bytes)):
             blob = (data / rel).read_bytes()
             assert hashlib.sha256(blob).hexdigest() == digest and len(blob) == size
-            assert blob == replica_blob(pair.subject, Path(rel).name)  # written as received
+            received = replica_blob(pair.subject, Path(rel).name)
+            if received[:2] == b"\x1f\x8b":
+                assert blob == received  # written as received
+            else:  # plain bytes under a .nii.gz name: gzipped, so that the name is true
+                assert pair.id == "sub-M2005_ses-4334" and rel == pair.image
+                assert blob[:2] == b"\x1f\x8b" and gzip.decompress(blob) == received
         assert manifest.verify(pair, data) is None
         assert pair.shape == arc_replica.SHAPE and pair.voxel_mm == pytest.approx((1, 1.1, 1.2))
     assert manifest.load(data / "manifest.json").pairs == m.pairs  # also by file name
+
+
+def test_every_file_is_readable_by_its_name_and_as_training_reads_it(downloaded):
+    """sub-M2005's T2w came as plain bytes under a .nii.gz name (as ``datasets`` stores a
+    nibabel image); on disk it is gzipped, and it reads by its name, voxel for voxel what
+    the hub held, through the readers that training, evaluation and segmentation use."""
+    import nibabel as nib
+
+    from napari_meshchop.data import cache
+    from napari_meshchop.imaging import nifti
+    from napari_meshchop.imaging.preprocess import PreprocessSpec
+
+    _, data = downloaded
+    m = manifest.load(data)
+    pair = m.pair("sub-M2005_ses-4334")
+    received = replica_blob("sub-M2005", Path(pair.image).name)
+    assert received[:2] != b"\x1f\x8b" and pair.image.endswith(".nii.gz")  # the hub's
+    hub = nib.Nifti1Image.from_bytes(received)
+    on_disk = nifti.load_volume(data / pair.image)
+    np.testing.assert_array_equal(on_disk.get_fdata(), np.asarray(hub.dataobj))
+    np.testing.assert_array_equal(on_disk.affine, hub.affine)
+    for p in m.pairs:  # every file, as the cache reads it
+        cache.conform_pair(p, data, PreprocessSpec("ras-minmax", shape=(16, 16, 16)))
+        assert arc.read_back(p, data) is None
+
+
+def test_bytes_are_written_as_the_file_name_says_whatever_they_came_as():
+    image, mask = arc_replica.pair("sub-X", "ses-1", "spc3", 1, seed=0, plain_image=True)
+    plain = image["bytes"]
+    row = {"subject_id": "sub-X", "session_id": "ses-1", "t2w": [image], "lesion": mask}
+    blob, _, pair = arc.build_pair(row, "space_no_accel")
+    assert blob.name.endswith(".nii.gz") and gzip.decompress(blob.data) == plain
+    assert pair.image_sha256 == hashlib.sha256(blob.data).hexdigest()
+    assert pair.image_bytes == len(blob.data)
+    # gzipped bytes under a .nii name are unpacked
+    row["t2w"] = [{"bytes": gzip.compress(plain), "path": "sub-X_ses-1_acq-spc3_run-1_T2w.nii"}]
+    blob, mask_blob, _ = arc.build_pair(row, "space_no_accel")
+    assert blob.name.endswith("_T2w.nii") and blob.data == plain
+    assert mask_blob.data == mask["bytes"]  # gzipped under .nii.gz: as received
+
+
+def test_a_pair_that_training_could_not_read_is_left_out(tmp_path, monkeypatch):
+    """The header and the whole stream check out, but training would refuse the image (a
+    blank volume): the download reads each written file back as training reads it."""
+    image, mask = arc_replica.pair("sub-X", "ses-1", "spc3", 1, seed=0)
+    blank = arc_replica.nifti(image["path"], np.zeros(arc_replica.SHAPE, np.int16),
+                              arc_replica.affine())
+    row = {"subject_id": "sub-X", "session_id": "ses-1", "t2w_acquisition": "space_no_accel",
+           "t2w": [blank], "lesion": mask}
+    monkeypatch.setattr(arc, "open_rows", lambda *a, **k: arc.Rows(iter([row]), 1))
+    result = events.run(arc.download(tmp_path, source="unused", folds=False))
+    assert result.manifest.pairs == [] and result.downloaded == 0
+    (left_out,) = result.manifest.excluded
+    assert left_out.reason == "unreadable"
+    assert left_out.detail == (f"{tmp_path / 'sub-X' / 'ses-1' / image['path']}: is blank: "
+                               "every voxel is 0")
+    assert not any(tmp_path.rglob("*.nii*"))  # nothing left that a later run could take
+
+
+def test_a_file_an_older_download_kept_under_a_wrong_name_is_fetched_again(replica, tmp_path):
+    events.run(arc.download(tmp_path, source=replica, folds=False))
+    m = manifest.load(tmp_path)
+    pair = m.pair("sub-M2005_ses-4334")
+    plain = replica_blob("sub-M2005", Path(pair.image).name)
+    (tmp_path / pair.image).write_bytes(plain)  # as an older version wrote it
+    old = dataclasses.replace(pair, image_sha256=hashlib.sha256(plain).hexdigest(),
+                              image_bytes=len(plain))
+    m.pairs = [old if p.id == pair.id else p for p in m.pairs]
+    m.save(tmp_path)
+    assert manifest.verify(old, tmp_path) == (f"{pair.image} is not gzipped but its name "
+                                              "ends in .gz")
+    result = events.run(arc.download(tmp_path, source=replica, folds=False))
+    assert (result.downloaded, result.verified) == (1, 3)
+    assert manifest.load(tmp_path).pair(pair.id) == pair
+    assert (tmp_path / pair.image).read_bytes()[:2] == b"\x1f\x8b"
 
 
 def test_shape_or_affine_mismatch_is_reported_clearly(tmp_path):

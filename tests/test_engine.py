@@ -29,9 +29,23 @@ WORKER = textwrap.dedent("""
     from napari_meshchop.studies import engine
     from napari_meshchop import events
 
-    where, name, n, log, barrier, slow = sys.argv[1:7]
+    where, name, n, log, barrier, slow, die = sys.argv[1:8]
     log, pid = Path(log), os.getpid()
     storage = engine.open_storage(where, heartbeat=1, grace=3)
+    if die == "on-claim":  # SIGKILL the moment a claim (WAITING -> RUNNING) is committed
+        import signal
+        from optuna.trial import TrialState
+
+        commit = storage.set_trial_state_values
+
+        def claim_then_die(trial_id, state, values=None):
+            done = commit(trial_id, state, values)
+            if done and state == TrialState.RUNNING:
+                (log / f"claimed-{pid}").touch()
+                os.kill(pid, signal.SIGKILL)
+            return done
+
+        storage.set_trial_state_values = claim_then_die
     study, created = engine.open_study(storage, name, [{"k": k} for k in range(int(n))],
                                        {"kind": "test"})
     (log / f"ready-{pid}").touch()
@@ -52,7 +66,7 @@ WORKER = textwrap.dedent("""
         (log / f"done-{k}-{pid}").touch()
         return float(k)
 
-    result = events.run(engine.work(study, run, poll=0.2))
+    result = events.run(engine.work(storage, study, run, poll=0.2))
     print(json.dumps({"created": created, "states": [f.state for f in result.finished]}))
 """)
 
@@ -76,14 +90,20 @@ def where(request, tmp_path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-def worker(where, name, n, log, barrier=1, slow=-1):
+def worker(where, name, n, log, barrier=1, slow=-1, die="never"):
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, where, name, str(n), str(log), str(barrier), str(slow)],
+        [sys.executable, "-c", WORKER, where, name, str(n), str(log), str(barrier), str(slow),
+         die],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, timeout=60):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the worker was still working after {timeout} s: {err[-2000:]}")
     assert proc.returncode == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -149,6 +169,32 @@ def test_a_killed_workers_unit_is_retried_by_the_other_from_its_checkpoint(where
     assert engine.origin(again) == failed.number == 0 and again.number == 4
 
 
+def test_a_worker_killed_between_its_claim_and_its_first_heartbeat_loses_no_unit(where,
+                                                                                  tmp_path):
+    """The claim commits WAITING -> RUNNING and the worker dies at once (SIGKILL), before
+    its heartbeat thread could start: the unit must still count as stale after ``grace``
+    and be retried, not stay RUNNING for ever (RDBStorage ignores running trials that
+    never beat)."""
+    log = tmp_path / "log"
+    log.mkdir()
+    name = f"claim-{uuid.uuid4().hex[:8]}"
+    a = worker(where, name, 2, log, die="on-claim")
+    a.wait(timeout=60)
+    assert a.returncode == -signal.SIGKILL and (log / f"claimed-{a.pid}").exists()
+    assert not list(log.glob("start-*"))  # killed before it began the unit
+    study = load(where, name)
+    assert [t.state.name for t in study.trials] == ["RUNNING", "WAITING"]
+    b = worker(where, name, 2, log)
+    result = finish(b)  # waits for the lost unit, then does it
+    assert sorted(result["states"]) == ["COMPLETE", "COMPLETE"]
+    assert sorted(int(k) for k, _ in names(log, "done")) == [0, 1]
+    study = load(where, name)
+    states = sorted((engine.unit_of(t)["k"], t.state.name) for t in study.trials)
+    assert states == [(0, "COMPLETE"), (0, "FAIL"), (1, "COMPLETE")]
+    again = next(t for t in study.trials if t.number == 2)
+    assert engine.unit_of(again) == {"k": 0} and engine.origin(again) == 0
+
+
 def test_a_unit_that_raises_goes_back_in_the_queue_and_a_stop_leaves_it_resumable(tmp_path):
     storage = engine.open_storage(tmp_path / "s.journal", heartbeat=1)
     study, created = engine.open_study(storage, "s", [{"k": 0}, {"k": 1}], {"kind": "test"})
@@ -159,7 +205,7 @@ def test_a_unit_that_raises_goes_back_in_the_queue_and_a_stop_leaves_it_resumabl
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        events.run(engine.work(study, broken))
+        events.run(engine.work(storage, study, broken))
     waiting = [t for t in study.trials if t.state.name == "WAITING"]
     assert [engine.unit_of(t) for t in waiting] == [{"k": 1}, {"k": 0}]  # unit 0 put back
     assert engine.origin(waiting[-1]) == 0
@@ -170,7 +216,7 @@ def test_a_unit_that_raises_goes_back_in_the_queue_and_a_stop_leaves_it_resumabl
         yield "start"
         raise Cancelled()
 
-    result = events.run(engine.work(study, stopped))
+    result = events.run(engine.work(storage, study, stopped))
     assert result.stopped and [f.state for f in result.finished] == ["REQUEUED"]
     assert engine.counts(study).waiting == 2  # nothing lost
 
@@ -178,7 +224,7 @@ def test_a_unit_that_raises_goes_back_in_the_queue_and_a_stop_leaves_it_resumabl
         yield "start"
         return 1.0
 
-    result = events.run(engine.work(study, fine))
+    result = events.run(engine.work(storage, study, fine))
     assert sorted(f.unit["k"] for f in result.finished) == [0, 1]
     c = engine.counts(study)
     assert (c.complete, c.waiting, c.running) == (2, 0, 0)
@@ -191,8 +237,9 @@ def test_a_unit_taken_over_by_another_worker_stops_and_its_result_is_dropped(tmp
     def slow(trial, stop):  # meanwhile another worker judged this one dead
         import optuna
 
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        engine.requeue(study, trial._trial_id, retry=True)
+        tid = engine.trial_id(storage, study, trial.number)
+        storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
+        engine.requeue(study, storage.get_trial(tid), retry=True)
         deadline = time.monotonic() + 10
         while not stop():  # the heartbeat notices within a beat
             assert time.monotonic() < deadline
@@ -202,7 +249,7 @@ def test_a_unit_taken_over_by_another_worker_stops_and_its_result_is_dropped(tmp
 
         raise Cancelled()
 
-    job = engine.work(study, slow, wait=False)
+    job = engine.work(storage, study, slow, wait=False)
     seen = []
     while True:
         event = next(job)

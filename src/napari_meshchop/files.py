@@ -18,9 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from filelock import FileLock, Timeout
+
 from napari_meshchop.errors import InputError, MeshchopError
 
 PART_SUFFIX = ".part"
+LOCK = ".lock"  # the file :func:`exclusive` locks, in the folder it guards
 
 
 @contextmanager
@@ -105,21 +108,20 @@ def sweep_partials(folder: str | os.PathLike, older_than: float = 0.0) -> list[P
 
 @contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold ``folder/.lock`` while the block runs; raise if another process holds it."""
+    """Hold ``folder/.lock`` while the block runs; raise if another process holds it.
+
+    An operating-system lock (``filelock``: flock on Unix, msvcrt on Windows), so it is
+    released when its holder dies, however it dies.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK, timeout=0)
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here; run one writer at a time
+        lock.acquire()
+    except Timeout:
+        raise MeshchopError(f"{folder}: another {what} is writing here; wait for it "
+                            "to finish (or stop it) and run again") from None
+    try:
         yield
-        return
-    with open(folder / ".lock", "a+b") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise MeshchopError(f"{folder}: another {what} is writing here; wait for it "
-                                "to finish (or stop it) and run again") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        lock.release()

@@ -116,7 +116,9 @@ def experiment(args) -> int:
     """Run (or continue) the paper's protocol and write its report; or only the report."""
     from napari_meshchop.evaluation import report  # deferred: torch
     from napari_meshchop.studies import experiment as protocol
+    from napari_meshchop.training import lean
 
+    lean.claim_allocator()  # this process exists to train: it may keep its heap lean
     out = Path(args.out)
     if args.report_only:  # ensembles (evaluation only) and the report; no training
         doc = drive(protocol.finish(out, plan.load_plan(out), args.ensemble, args.compare,
@@ -169,7 +171,9 @@ def hpo(args) -> int:
     """Search hyperparameters with ASHA on the inner folds of an outer fold, or join a
     search that workers on this or other machines share (same --storage and --study)."""
     from napari_meshchop.studies import hpo as search  # deferred: torch, Optuna
+    from napari_meshchop.training import lean
 
+    lean.claim_allocator()  # this process exists to train: it may keep its heap lean
     searched = sorted(getattr(args, "given", set()) & set(_config.searched()))
     if searched:
         flags = ", ".join(flag(name) for name in searched)

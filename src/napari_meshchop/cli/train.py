@@ -106,8 +106,10 @@ def epoch_line(event) -> str:
 
 
 def train(args) -> int:
-    from napari_meshchop.training.fold import train as train_fold  # deferred: torch
+    from napari_meshchop.training import lean  # deferred: torch
+    from napari_meshchop.training.fold import train as train_fold
 
+    lean.claim_allocator()  # this process exists to train: it may keep its heap lean
     if args.outer_fold is None and not args.resume:
         raise MeshchopError("choose an outer fold with --outer-fold K (or --resume a run)")
     config = train_config(args, data_dir=args.data_dir, outer_fold=args.outer_fold,

@@ -18,8 +18,14 @@ left out): 223 pairs in the public data (115 + 108), about 25 GB.
 
 Each mask is matched to the T2w run it was drawn on (its file name carries the run, as in
 ``sub-M2105_ses-964_acq-spc3_run-11_T2w_desc-lesion_mask.nii.gz``), checked to share that
-run's shape and affine, and both files are written as received, atomically, with their
-sha256 in ``manifest.json``. A second run verifies what is there and fetches the rest.
+run's shape and affine, and both files are written atomically, with their sha256 in
+``manifest.json``. They are written as received, except that a file must be readable by its
+own name: a row's bytes may be plain NIfTI under a ``.nii.gz`` name (what ``datasets``
+stores when it encodes a nibabel image), so bytes are gzipped or unpacked to match the name
+(their first bytes tell, never the name). Then both files are read back from disk the way
+training, evaluation and segmentation read them (:func:`nifti.load_volume`,
+:func:`nifti.load_mask`); a pair that fails is removed and left out as unreadable. A second
+run verifies what is there (checksums, and names that match the bytes) and fetches the rest.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from napari_meshchop.data import manifest as _manifest
 from napari_meshchop.data.manifest import Excluded, Manifest, Pair
 from napari_meshchop.errors import InputError, MeshchopError
 from napari_meshchop.events import DownloadProgress, Progress, StopFlag, check_stop
+from napari_meshchop.imaging import nifti
 
 SPACE = ("space_2x", "space_no_accel")
 TSE = "turbo_spin_echo"
@@ -57,7 +64,6 @@ FETCH_COLUMNS = ["subject_id", "session_id", "t2w_acquisition", "t2w", "lesion"]
 
 AFFINE_TOLERANCE_MM = 1e-3
 READ_AHEAD = 64 * 1024  # bytes fsspec reads past each range when streaming from the hub
-GZIP_MAGIC = b"\x1f\x8b"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -144,7 +150,7 @@ class Blob:
         data = bytes(value["bytes"])
         name = os.path.basename(value.get("path") or "")
         if not name or _SAFE.search(name) or not name.endswith((".nii", ".nii.gz")):
-            name = fallback + (".nii.gz" if data[:2] == GZIP_MAGIC else ".nii")
+            name = fallback + (".nii.gz" if data[:2] == nifti.GZIP_MAGIC else ".nii")
         return cls(name, data)
 
 
@@ -201,7 +207,7 @@ def read_nifti(blob: Blob, label: str, voxels: bool = False) -> Volume:
     The gzip stream is read to its end (its CRC is checked there) and the payload must be
     as long as the header says. With ``voxels`` the image is kept to read its data.
     """
-    raw = (gzip.GzipFile(fileobj=io.BytesIO(blob.data)) if blob.data[:2] == GZIP_MAGIC
+    raw = (gzip.GzipFile(fileobj=io.BytesIO(blob.data)) if blob.data[:2] == nifti.GZIP_MAGIC
            else io.BytesIO(blob.data))
     try:
         head = raw.read(540)
@@ -287,6 +293,8 @@ def build_pair(row: dict, acquisition: str) -> tuple[Blob, Blob, Pair]:
     voxels = lesion_voxels(mask_vol)
     if voxels == 0:
         raise Skip("empty-mask", mask.name)
+    # Written as their names say: gzipped for .nii.gz, plain for .nii, whatever they came as.
+    image, mask = (Blob(b.name, nifti.as_named(b.data, b.name)) for b in (image, mask))
     folder = Path(subject) / session
     pair = Pair(
         subject=subject, session=session, acquisition=acquisition,
@@ -503,8 +511,15 @@ def download(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, repo: str = REPO,
                     for blob, rel in ((image, pair.image), (mask, pair.mask)):
                         files.write_bytes(data_dir / rel, blob.data)
                         result.nbytes += len(blob.data)
-                    state.pairs.append(pair)
-                    result.downloaded += 1
+                    problem = read_back(pair, data_dir)
+                    if problem is None:
+                        state.pairs.append(pair)
+                        result.downloaded += 1
+                    else:
+                        for rel in (pair.image, pair.mask):
+                            (data_dir / rel).unlink(missing_ok=True)
+                        state.excluded.append(Excluded(cand.subject, cand.session,
+                                                       "unreadable", problem))
                 state.pending.remove(cand.id)
                 state.save(data_dir)
                 done += 1
@@ -517,6 +532,18 @@ def download(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, repo: str = REPO,
             except MeshchopError as exc:  # a cohort too small for the default folds
                 result.notes.append(f"No folds written: {exc}.")
         return result
+
+
+def read_back(pair: Pair, data_dir: str | os.PathLike) -> str | None:
+    """None when a written pair reads from disk the way training, evaluation and
+    segmentation read it (by its file names, every voxel), else what is wrong."""
+    data_dir = Path(data_dir)
+    try:
+        nifti.load_volume(data_dir / pair.image)
+        nifti.load_mask(data_dir / pair.mask)
+    except InputError as exc:
+        return str(exc)
+    return None
 
 
 def _previous(data_dir: Path, repo: str, revision: str | None) -> dict[str, Pair]:

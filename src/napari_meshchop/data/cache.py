@@ -1,11 +1,14 @@
 """Each image/mask pair preprocessed once, stored compactly, served to PyTorch.
 
-A cached pair is one ``.npz`` file: the network-grid image as uint8 (``round(255 v)``,
-which for ``conform`` is exactly FreeSurfer's 0..255 volume), the mask as packed bits and
-the grid's affine, about 19 MB for a 256^3 pair instead of 134 MB as float32 + int64. Its
-name carries a key made of the source files' sha256 and the :class:`PreprocessSpec`, so a
-changed file or recipe never serves a stale volume. Files are written atomically, so
-DataLoader workers may fill the cache side by side.
+A cached pair is one ``.npz`` file: the network-grid image, the mask as packed bits and
+the grid's affine. The image is stored so that training and evaluation feed the network
+exactly the numbers that segmentation (:func:`preprocess.prepare`) feeds it: for
+``conform`` as uint8 (``round(255 v)``, which is FreeSurfer's 0..255 volume itself, and
+``v / 255`` again bit for bit), about 19 MB for a 256^3 pair instead of 134 MB as float32 +
+int64; for ``ras-minmax``, whose values are any floats in [0, 1], as the float32 volume
+itself (67 MB at 256^3). Its name carries a key made of the source files' sha256 and the
+:class:`PreprocessSpec`, so a changed file or recipe never serves a stale volume. Files are
+written atomically, so DataLoader workers may fill the cache side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -29,11 +31,11 @@ from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.data.manifest import Pair
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
-from napari_meshchop.imaging.nifti import load_volume
+from napari_meshchop.imaging.nifti import load_mask, load_volume
 from napari_meshchop.imaging.preprocess import PreprocessSpec, prepare, prepare_mask
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ras-minmax stored as float32 (it was quantised to uint8)
 FOLDER = "cache"
 
 
@@ -44,17 +46,26 @@ def cache_key(pair: Pair, spec: PreprocessSpec) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def image_dtype(spec: PreprocessSpec) -> type[np.generic]:
+    """How a spec's network-grid image is stored: uint8 for ``conform`` (0..255 by
+    definition), float32 (what :func:`preprocess.prepare` returns) otherwise."""
+    return np.uint8 if spec.name == "conform" else np.float32
+
+
 @dataclass
 class Conformed:
-    """A pair on the network grid, compact: uint8 image (0..255) and uint8 mask {0, 1}."""
+    """A pair on the network grid, compact: the image (uint8 0..255 for ``conform``,
+    float32 in [0, 1] otherwise, see :func:`image_dtype`) and a uint8 mask {0, 1}."""
 
     image: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
 
     def image_float(self) -> np.ndarray:
-        """The network input in [0, 1], as :func:`preprocess.prepare` makes it."""
-        return np.divide(self.image, np.float32(255), dtype=np.float32)
+        """The network input in [0, 1], exactly as :func:`preprocess.prepare` makes it."""
+        if self.image.dtype == np.uint8:
+            return np.divide(self.image, np.float32(255), dtype=np.float32)
+        return self.image
 
 
 def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) -> Conformed:
@@ -62,8 +73,11 @@ def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) 
     data_dir = Path(data_dir)
     img = load_volume(data_dir / pair.image)
     prepared = prepare(img, spec)
-    image = np.rint(prepared.volume * np.float32(255)).astype(np.uint8)
-    mask = prepare_mask(nib.load(data_dir / pair.mask), img, spec)
+    if image_dtype(spec) == np.uint8:
+        image = np.rint(prepared.volume * np.float32(255)).astype(np.uint8)
+    else:
+        image = prepared.volume
+    mask = prepare_mask(load_mask(data_dir / pair.mask), img, spec)
     return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine)
 
 
@@ -91,14 +105,16 @@ class PairCache:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log.warning("cached pair %s is damaged (%s); preprocessing it again", where, exc)
             return None
-        if shape != self.spec.shape or image.shape != shape:
+        if (shape != self.spec.shape or image.shape != shape
+                or image.dtype != image_dtype(self.spec)):
             return None
         return Conformed(image, mask.reshape(shape), affine)
 
     def store(self, pair: Pair, conformed: Conformed) -> Path:
         where = self.path(pair)
         with files.atomic_file(where) as fh:
-            np.savez(fh, image=np.ascontiguousarray(conformed.image, dtype=np.uint8),
+            np.savez(fh, image=np.ascontiguousarray(conformed.image,
+                                                    dtype=image_dtype(self.spec)),
                      mask_bits=np.packbits(conformed.mask.astype(bool, copy=False).ravel()),
                      shape=np.array(conformed.image.shape), affine=conformed.affine)
         return where

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from napari_meshchop import files
 from napari_meshchop.errors import InputError, MeshchopError
+from napari_meshchop.imaging import nifti
 
 FORMAT = "napari-meshchop/arc-manifest"
 VERSION = 1
@@ -160,7 +161,9 @@ def load_complete(folder: str | os.PathLike) -> Manifest:
 
 
 def verify(pair: Pair, folder: str | os.PathLike) -> str | None:
-    """None when both files are there with the manifest's checksums, else what is wrong."""
+    """None when both files are there with the manifest's checksums and names that say
+    what their bytes are (gzipped or not; an older download kept them as received), else
+    what is wrong."""
     folder = Path(folder)
     for rel, size, digest in ((pair.image, pair.image_bytes, pair.image_sha256),
                               (pair.mask, pair.mask_bytes, pair.mask_sha256)):
@@ -169,6 +172,9 @@ def verify(pair: Pair, folder: str | os.PathLike) -> str | None:
             return f"{rel} is missing"
         if target.stat().st_size != size:
             return f"{rel} has {target.stat().st_size} bytes, expected {size}"
+        problem = nifti.naming_problem(target)
+        if problem is not None:
+            return f"{rel} {problem}"
         if files.sha256_file(target) != digest:
             return f"{rel} does not match its sha256"
     return None

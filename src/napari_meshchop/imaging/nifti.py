@@ -14,6 +14,7 @@ from napari_meshchop import files
 from napari_meshchop.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -27,6 +28,27 @@ def load_volume(path: str | os.PathLike) -> nib.Nifti1Image:
     gzip, for instance), so the data is read here, where the file can be named.
     """
     path = Path(path)
+    img = _open(path)
+    data = check_volume(_voxels(img, path, np.float32), path)
+    out = nib.Nifti1Image(data, img.affine, header=_header_3d(img, data))
+    return out
+
+
+def load_mask(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Load one 3D label volume (a lesion mask), fully read and checked, its voxels in
+    memory as the header scales them (a mask stored as 1 with scl_slope 1/255 stays > 0)."""
+    path = Path(path)
+    img = _open(path)
+    data = _voxels(img, path)
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"has shape {shape}; a mask must be one 3D volume")
+    return nib.Nifti1Image(data, img.affine)
+
+
+def _open(path: Path):
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
@@ -37,13 +59,38 @@ def load_volume(path: str | os.PathLike) -> nib.Nifti1Image:
         raise InputError(path, f"not a readable NIfTI image ({_reason(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"is a {type(img).__name__}, not a NIfTI image")
+    return img
+
+
+def _voxels(img, path: Path, dtype=None) -> np.ndarray:
+    """The voxels, read now: nibabel opens lazily and only fails when they are read (a
+    truncated gzip, plain bytes under a .nii.gz name), so they are read here, where the
+    file can be named."""
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        return np.asarray(img.dataobj, dtype=dtype)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise InputError(path, f"file is truncated or corrupt ({_reason(exc)})") from None
-    data = check_volume(data, path)
-    out = nib.Nifti1Image(data, img.affine, header=_header_3d(img, data))
-    return out
+
+
+def as_named(data: bytes, name: str | os.PathLike) -> bytes:
+    """NIfTI file bytes as a file called ``name`` must hold them to be read by its name:
+    gzipped for ``.gz``, plain otherwise, whichever they are now (their first bytes tell;
+    the name they came with does not)."""
+    gzipped = data[:2] == GZIP_MAGIC
+    if str(name).lower().endswith(".gz"):
+        return data if gzipped else gzip.compress(data, compresslevel=6, mtime=0)
+    return gzip.decompress(data) if gzipped else data
+
+
+def naming_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be read by its own name (gzipped or not, against its ``.gz``
+    suffix), or None when its name says what it is."""
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == GZIP_MAGIC
+    if gzipped == str(path).lower().endswith(".gz"):
+        return None
+    return ("is gzipped but its name does not end in .gz" if gzipped
+            else "is not gzipped but its name ends in .gz")
 
 
 def check_volume(data: np.ndarray, path: str | os.PathLike | None = None) -> np.ndarray:
@@ -97,7 +144,4 @@ def save_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     if not is_nifti_path(path):
         raise InputError(path, "output must end in .nii or .nii.gz")
-    data = img.to_bytes()
-    if str(path).lower().endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    return files.write_bytes(path, data)
+    return files.write_bytes(path, as_named(img.to_bytes(), path))

@@ -8,16 +8,21 @@ worker stays until the queue is empty and no unit is running anywhere, because a
 running unit may still come back: each worker beats a heartbeat while it works, and a
 unit whose worker stopped beating for ``grace`` seconds (killed, machine lost) is marked
 failed and enqueued again with the same unit (Optuna's heartbeat-stale retry), for any
-worker to resume from the unit's checkpoints.
+worker to resume from the unit's checkpoints. A worker beats for a unit *before* it
+claims it: ``RDBStorage`` never counts a running trial without any heartbeat as stale, so
+a worker killed between its claim and a first beat would otherwise leave its unit
+RUNNING for ever.
 
 Optuna's GridSampler is not used for the grid of runs: its documentation says that
 concurrent workers may evaluate the same grid point more than once.
 
 Storage: a journal file (Optuna's ``JournalFileBackend``; safe for processes sharing one
 machine, no server) or any SQLAlchemy URL (PostgreSQL for several machines). Optuna's
-heartbeat is built into its RDB storage only; :class:`HeartbeatJournal` gives the
-journal file the same heartbeat interface, so that both go through
-``optuna.storages.fail_stale_trials`` and the same retry callback.
+heartbeat is built into its RDB storage only; :class:`optuna_adapter.HeartbeatJournal`
+gives the journal file the same heartbeat interface (through Optuna's private API, kept
+in that one module), so that both go through ``optuna.storages.fail_stale_trials`` and
+the same retry callback. The engine works on the storage object that
+:func:`open_storage` returns (the study does not expose its own).
 """
 
 from __future__ import annotations
@@ -78,59 +83,6 @@ def _driver_url(url: str) -> str:
     return url
 
 
-def heartbeat_base():
-    # Optuna's heartbeat interface; public in behaviour (fail_stale_trials and study.optimize
-    # use any storage that implements it), private in name.
-    from optuna.storages._heartbeat import BaseHeartbeat
-
-    return BaseHeartbeat
-
-
-def _heartbeat_journal_class():
-    optuna = _optuna()
-    from optuna.storages import JournalStorage
-    from optuna.trial import TrialState
-
-    class HeartbeatJournal(JournalStorage, heartbeat_base()):
-        """A journal storage with Optuna's heartbeat interface.
-
-        The heartbeat is a trial system attribute (seconds since the epoch, by the
-        worker's clock): one journal line per beat. A running trial is stale when
-        neither its last beat nor its start is within ``grace`` seconds.
-        """
-
-        def __init__(self, backend, heartbeat_interval: int, grace_period: int | None,
-                     stale_trial_callback=None):
-            super().__init__(backend)
-            self.heartbeat_interval = heartbeat_interval
-            self.grace_period = grace_period or 2 * heartbeat_interval
-            self.stale_trial_callback = stale_trial_callback
-
-        def record_heartbeat(self, trial_id: int) -> None:
-            try:
-                self.set_trial_system_attr(trial_id, "heartbeat", time.time())
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # failed as stale meanwhile: the Heartbeat thread notices
-
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            stale = []
-            for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-                started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-                last = max(float(t.system_attrs.get("heartbeat", 0.0)), started)
-                if now - last > self.grace_period:
-                    stale.append(t._trial_id)
-            return stale
-
-        def get_heartbeat_interval(self) -> int | None:
-            return self.heartbeat_interval
-
-        def get_heartbeat_stale_trial_callback(self):
-            return self.stale_trial_callback
-
-    return HeartbeatJournal
-
-
 def open_storage(where: str | os.PathLike, heartbeat: int = HEARTBEAT, grace: int | None = None,
                  max_retry: int | None = MAX_RETRY):
     """A storage with heartbeats: a SQLAlchemy URL (``postgresql://user:pw@host/db``) or
@@ -166,7 +118,10 @@ def open_storage(where: str | os.PathLike, heartbeat: int = HEARTBEAT, grace: in
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend
 
-    return _heartbeat_journal_class()(JournalFileBackend(str(path)), heartbeat, grace, retry)
+    # imported here with Optuna, which the engine defers until a study is opened
+    from napari_meshchop.studies.optuna_adapter import HeartbeatJournal
+
+    return HeartbeatJournal(JournalFileBackend(str(path)), heartbeat, grace, retry)
 
 
 # ---- the queue -------------------------------------------------------------------------------
@@ -213,20 +168,29 @@ def open_study(storage, name: str, units: list[dict], meta: dict, sampler=None, 
     return study, True
 
 
-def _frozen(trial):
-    return trial if hasattr(trial, "system_attrs") else trial.study._storage.get_trial(
-        trial._trial_id)
+def frozen(trial):
+    """A trial's record as stored now (a ``FrozenTrial`` is returned as it is)."""
+    if isinstance(trial, _optuna().trial.FrozenTrial):
+        return trial
+    (found,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    return found
+
+
+def trial_id(storage, study, number: int) -> int:
+    """The storage's id of trial ``number`` of ``study`` (what the storage's methods take)."""
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), number)
 
 
 def unit_of(trial) -> dict:
     """The unit a trial (or frozen trial) runs."""
-    return dict(_frozen(trial).user_attrs.get(UNIT, {}))
+    return dict(frozen(trial).user_attrs.get(UNIT, {}))
 
 
 def origin(trial) -> int:
     """The number of the first trial of this unit (retries keep it): names its folders."""
-    frozen = _frozen(trial)
-    return frozen.system_attrs.get("failed_trial", frozen.number)
+    record = frozen(trial)
+    return record.system_attrs.get("failed_trial", record.number)
 
 
 @dataclass
@@ -269,11 +233,8 @@ class Heartbeat:
     should stop, its result being dropped."""
 
     def __init__(self, storage, trial_id: int):
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
         self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) \
-            else None
+        self.interval = heartbeat_interval(storage)
         self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = None
@@ -306,49 +267,64 @@ class Heartbeat:
             self._thread.join()
 
 
+def heartbeat_interval(storage) -> int | None:
+    """Seconds between beats, or None for a storage without Optuna's heartbeat."""
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return get() if get is not None else None
+
+
 # ---- the worker loop -------------------------------------------------------------------------
 
-def claim(study):
-    """The first WAITING trial that this process manages to switch to RUNNING, or None."""
+def claim(storage, study):
+    """The first WAITING trial that this process manages to switch to RUNNING, as
+    ``(trial, its storage id)``, or None.
+
+    The trial gets a heartbeat *before* the switch, so that there is no moment at which
+    it is RUNNING without one: a worker killed right after its claim leaves a unit that
+    turns stale after ``grace`` (RDBStorage skips running trials that never beat).
+    """
     optuna = _optuna()
     from optuna.trial import TrialState
 
-    storage = study._storage
+    beating = heartbeat_interval(storage) is not None
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        tid = trial_id(storage, study, t.number)
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, t._trial_id)
+            if beating:
+                storage.record_heartbeat(tid)
+            if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
+                return optuna.Trial(study, tid), tid
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
 
 
-def requeue(study, trial_id: int, retry: bool) -> bool:
-    """Put a failed unit back in the queue as a new WAITING trial (with its parameters,
-    attributes and reports); ``retry`` counts it against :data:`MAX_RETRY`."""
+def requeue(study, record, retry: bool) -> bool:
+    """Put a failed unit (its ``FrozenTrial``) back in the queue as a new WAITING trial
+    (with its parameters, attributes and reports); ``retry`` counts it against
+    :data:`MAX_RETRY`."""
     optuna = _optuna()
-    frozen = study._storage.get_trial(trial_id)
-    attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
-    attrs.pop("heartbeat", None)
+    attrs = {"failed_trial": record.number, "retry_history": [], **record.system_attrs}
+    attrs.pop("heartbeat", None)  # the journal's beat (optuna_adapter.HEARTBEAT_ATTR)
     if retry:
-        attrs["retry_history"] = [*attrs["retry_history"], frozen.number]
+        attrs["retry_history"] = [*attrs["retry_history"], record.number]
         if len(attrs["retry_history"]) > MAX_RETRY:
             return False
     study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=frozen.params,
-        distributions=frozen.distributions, user_attrs=frozen.user_attrs,
-        system_attrs=attrs, intermediate_values=frozen.intermediate_values))
+        state=optuna.trial.TrialState.WAITING, params=record.params,
+        distributions=record.distributions, user_attrs=record.user_attrs,
+        system_attrs=attrs, intermediate_values=record.intermediate_values))
     return True
 
 
-def _settle(study, trial, state: str, value) -> str:
+def _settle(storage, study, trial, tid: int, state: str, value) -> str:
     """Record how a unit ended; "LOST" when another worker failed it as stale meanwhile
     (it is then already back in the queue and this result is dropped)."""
     optuna = _optuna()
     from optuna.trial import TrialState
 
     try:
-        if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        if storage.get_trial(tid).state != TrialState.RUNNING:
             return "LOST"
         if state == "COMPLETE":
             study.tell(trial, float(value))
@@ -356,7 +332,7 @@ def _settle(study, trial, state: str, value) -> str:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, state=TrialState.FAIL)
-            requeue(study, trial._trial_id, retry=state == "FAIL")
+            requeue(study, storage.get_trial(tid), retry=state == "FAIL")
     except optuna.exceptions.UpdateFinishedTrialError:
         return "LOST"
     return state
@@ -365,9 +341,10 @@ def _settle(study, trial, state: str, value) -> str:
 RunUnit = Callable[[Any, Callable[[], bool]], Generator[Any, None, float]]
 
 
-def work(study, run_unit: RunUnit, stop: StopFlag = None, poll: float | None = None,
+def work(storage, study, run_unit: RunUnit, stop: StopFlag = None, poll: float | None = None,
          wait: bool = True) -> Generator[Any, None, WorkResult]:
-    """Claim and run units until none is waiting or running anywhere.
+    """Claim and run units of ``study`` (opened on ``storage``, as :func:`open_storage`
+    returned it) until none is waiting or running anywhere.
 
     ``run_unit(trial, stop)`` is a generator that yields events (passed on), checks
     ``stop`` and returns the unit's value; it may raise ``optuna.TrialPruned`` (the unit
@@ -376,18 +353,15 @@ def work(study, run_unit: RunUnit, stop: StopFlag = None, poll: float | None = N
     ``wait=False`` returns as soon as nothing is waiting, leaving others' units alone.
     """
     optuna = _optuna()
-    storage = study._storage
-    interval = storage.get_heartbeat_interval() if isinstance(storage, heartbeat_base()) \
-        else None
-    poll = poll if poll is not None else min(float(interval or 10), 10.0)
+    poll = poll if poll is not None else min(float(heartbeat_interval(storage) or 10), 10.0)
     result = WorkResult()
     while True:
         if stop_requested(stop):
             result.stopped = True
             break
         optuna.storages.fail_stale_trials(study)
-        trial = claim(study)
-        if trial is None:
+        claimed = claim(storage, study)
+        if claimed is None:
             running = counts(study).running
             if running and wait:
                 yield Waiting(running)
@@ -396,11 +370,12 @@ def work(study, run_unit: RunUnit, stop: StopFlag = None, poll: float | None = N
                     time.sleep(min(0.2, poll))
                 continue
             break
+        trial, tid = claimed
         first = origin(trial)
         unit = unit_of(trial)
         yield Claimed(trial.number, first, unit, resumed=first != trial.number)
         started = time.perf_counter()
-        with Heartbeat(storage, trial._trial_id) as beat:
+        with Heartbeat(storage, tid) as beat:
             def halt() -> bool:
                 return stop_requested(stop) or beat.lost.is_set()
 
@@ -416,7 +391,7 @@ def work(study, run_unit: RunUnit, stop: StopFlag = None, poll: float | None = N
             except Exception as exc:  # noqa: BLE001 - put back as a retry, then raised
                 state, error = "FAIL", exc
         seconds = time.perf_counter() - started
-        state = _settle(study, trial, state, value)
+        state = _settle(storage, study, trial, tid, state, value)
         if isinstance(error, GeneratorExit):
             raise error  # the consumer closed this generator: no more yields
         done = Finished(trial.number, first, unit, state,

@@ -220,19 +220,20 @@ STUDY = "meshchop-experiment"  # the study's default name with --storage
 
 
 def shared(out: str | os.PathLike, plan, storage: str | os.PathLike,
-                      study_name: str = STUDY, ensemble: bool = False,
-                      compare: str | os.PathLike | None = None, device: str | None = None,
-                      heartbeat: int = engine.HEARTBEAT, grace: int | None = None,
-                      stop: StopFlag = None, poll: float | None = None) -> Generator:
+           study_name: str = STUDY, ensemble: bool = False,
+           compare: str | os.PathLike | None = None, device: str | None = None,
+           heartbeat: int = engine.HEARTBEAT, grace: int | None = None,
+           stop: StopFlag = None, poll: float | None = None) -> Generator:
     """The experiment's runs (:class:`~.plan.Plan`) as units of a shared study: each run
     is claimed by one worker at a time (:func:`run_one`: complete runs are skipped,
     interrupted ones resume from their checkpoint in ``out``); then the report of what
     ``out`` holds (with the ensembles once every run is complete). Returns the report."""
     plan = settle(out, plan)
     identity = {k: v for k, v in plan.identity().items() if k != "data_dir"}
-    study, _ = engine.open_study(engine.open_storage(storage, heartbeat, grace), study_name,
-                          [{"run": r.key} for r in plan.runs],
-                          {"kind": FORMAT, "plan": identity})
+    shared_storage = engine.open_storage(storage, heartbeat, grace)
+    study, _ = engine.open_study(shared_storage, study_name,
+                                 [{"run": r.key} for r in plan.runs],
+                                 {"kind": FORMAT, "plan": identity})
     total = len(plan.runs)
 
     def run_unit(trial, halt):
@@ -262,7 +263,7 @@ def shared(out: str | os.PathLike, plan, storage: str | os.PathLike,
             return Notice(f"waiting for {running} run(s) on other workers") if changed else None
         return event
 
-    result = yield from relay(engine.work(study, run_unit, stop, poll), translate)
+    result = yield from relay(engine.work(shared_storage, study, run_unit, stop, poll), translate)
     if result.stopped:
         raise Cancelled("stopped; the interrupted run resumes from its checkpoint")
     everything = result.counts.complete == total

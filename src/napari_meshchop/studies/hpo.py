@@ -82,7 +82,7 @@ def run_trial(trial, stop: StopFlag, base: TrainConfig, space: Space, out_dir: P
                     dice[j][record["epoch"]] = _dice(record["val_dice"])
             jobs.append(train(replace(config, inner_fold=j), run_dir,
                                     resume=found is not None, stop=stop))
-        reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+        reported = set(engine.frozen(trial).intermediate_values)  # by earlier workers
         live = list(range(inner_folds))
         try:
             while live:
@@ -188,10 +188,10 @@ def search(base: TrainConfig, out_dir: str | os.PathLike, trials: int = TRIALS,
             "reduction_factor": reduction_factor, "recipe": recipe(base)}
     out_dir.mkdir(parents=True, exist_ok=True)
     tpe = sampler(seed)
+    storage = engine.open_storage(where, heartbeat, grace)
     study, created = engine.open_study(
-        engine.open_storage(where, heartbeat, grace), study_name,
-        [{"slot": i} for i in range(trials)], meta, tpe, pruner(space.min_epochs,
-                                                                 reduction_factor))
+        storage, study_name, [{"slot": i} for i in range(trials)], meta, tpe,
+        pruner(space.min_epochs, reduction_factor))
     planned = engine.counts(study).planned
     if not created:
         tpe.reseed_rng()  # seed 42 stays with the study's first worker
@@ -209,7 +209,7 @@ def search(base: TrainConfig, out_dir: str | os.PathLike, trials: int = TRIALS,
             return [event, Best(best["trial"], best["value"], best["params"])]
         return event
 
-    result = yield from relay(engine.work(study, unit, stop, poll, wait), with_best)
+    result = yield from relay(engine.work(storage, study, unit, stop, poll, wait), with_best)
     best = _write_best(study, space, best_path, where)
     return SearchResult(study_name, engine.redact(where), best,
                         best_path if best is not None else None, result.counts,

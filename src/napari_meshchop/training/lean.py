@@ -146,13 +146,34 @@ def _affine_relu(z, scale, shift):
     return torch.addcmul(_channel(shift), z, _channel(scale)).relu_()
 
 
+# Whether this process may change glibc's allocator (see :func:`claim_allocator`).
+_ALLOCATOR_OURS = False
+
+
+def claim_allocator() -> None:
+    """Declare this process a training process, whose allocator :func:`return_freed_memory`
+    may change, for the whole process and for good.
+
+    Only a process that exists to train calls this (the ``meshchop`` command line, before
+    ``train``, ``experiment`` or ``hpo``). napari, a notebook, or any program that trains
+    beside other work never does, so their allocator stays as it is.
+    """
+    global _ALLOCATOR_OURS
+    _ALLOCATOR_OURS = True
+
+
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """On glibc, serve allocations of ``threshold`` bytes or more with their own mappings.
+    """On glibc, serve allocations of ``threshold`` bytes or more with their own mappings,
+    if this process is a training process (:func:`claim_allocator`); otherwise do nothing.
 
     Freed tensors then go back to the system at once. Otherwise the slab buffers of a lean
     step fragment the heap, and its peak RSS carries 2 to 3 activations that are free but not
-    returned (measured at 96^3: 12.4 activations instead of 10.4). Returns whether it took.
+    returned (measured at 96^3: 12.4 activations instead of 10.4). ``mallopt`` changes the
+    whole process and cannot be undone (glibc's sliding threshold stays off), which is why
+    it needs the claim. Returns whether it took.
     """
+    if not _ALLOCATOR_OURS:
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
