@@ -4,7 +4,7 @@ A synthetic T2w of ARC's size (192 x 256 x 176 voxels, 1.0 x 0.94 x 1.2 mm, int1
 aligned, so conform takes its fastest path) and a lesion mask are written as .nii.gz with a
 manifest, like ``meshchop download`` writes them. Then, in one process:
 
-- *preprocess*: ``cache.conform_pair`` (load both NIfTI files, conform the image, resample
+- *preprocess*: ``cache.prepare_pair`` (load both NIfTI files, conform the image, resample
   the mask), what every epoch would pay without the cache;
 - *cache load*: ``PairCache.load`` of the stored pair (uint8 image + packed mask);
 - *Dataset item*: ``ArcDataset[i]`` from the cache, i.e. the load plus the tensors a
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         store.get(pair)  # fills the cache (and warms imports)
         dataset = cache.ArcDataset(folder, spec=spec)
         dataset_long = cache.ArcDataset(folder, spec=spec, target_dtype=torch.long)
-        pre = median_time(lambda: cache.conform_pair(pair, folder, spec), args.repeats)
+        pre = median_time(lambda: cache.prepare_pair(pair, folder, spec), args.repeats)
         load = median_time(lambda: store.load(pair), args.repeats)
         item = median_time(lambda: dataset[0], args.repeats)
         item_long = median_time(lambda: dataset_long[0], args.repeats)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
           f"{args.repeats} repeats, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print("| path | median time (s) | vs preprocessing |")
     print("|---|---:|---:|")
-    print(f"| preprocess (`conform_pair`: read .nii.gz, conform image, resample mask) "
+    print(f"| preprocess (`prepare_pair`: read .nii.gz, conform image, resample mask) "
           f"| {pre:.3f} | 1x |")
     print(f"| cache load (`PairCache.load`: uint8 image + packed mask) | {load:.3f} "
           f"| {pre / load:.0f}x faster |")

@@ -55,7 +55,7 @@ class Cohort:
 
 def write_cohort(folder: Path, n: int) -> None:
     """``n`` head-like 256^3 images with a lesion blob each, stored in the pair cache."""
-    from napari_meshchop.data.cache import Conformed
+    from napari_meshchop.data.cache import PreparedPair
 
     cohort = Cohort(folder, n)
     axis = np.linspace(-1, 1, SIZE, dtype=np.float32)
@@ -68,7 +68,7 @@ def write_cohort(folder: Path, n: int) -> None:
                 + (axis[None, None, :] - c[2]) ** 2) < rng.uniform(0.005, 0.03)
         image = np.where(head, 120, 0).astype(np.int16) + 80 * (blob & head)
         image += rng.integers(0, 20, image.shape, dtype=np.int16)
-        cohort.cache.store(pair, Conformed(image.clip(0, 255).astype(np.uint8),
+        cohort.cache.store(pair, PreparedPair(image.clip(0, 255).astype(np.uint8),
                                            (blob & head).astype(np.uint8), np.eye(4)))
 
 

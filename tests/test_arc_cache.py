@@ -118,7 +118,7 @@ def test_dataset_serves_tensors_from_the_cache(data, tmp_path, monkeypatch):
     assert 0 <= float(image.min()) and float(image.max()) <= 1
     assert mask.dtype == torch.uint8 and mask.shape == (32, 32, 32) and int(mask.sum()) > 0
     assert set(torch.unique(mask).tolist()) == {0, 1}
-    monkeypatch.setattr(cache, "conform_pair", lambda *a: pytest.fail("preprocessed again"))
+    monkeypatch.setattr(cache, "prepare_pair", lambda *a: pytest.fail("preprocessed again"))
     again, _ = ds[0]
     assert torch.equal(again, image)
     loader = torch.utils.data.DataLoader(cache.ArcDataset(data, ids=ds.ids[:1], spec=SMALL,

@@ -152,7 +152,7 @@ def test_every_file_is_readable_by_its_name_and_as_training_reads_it(downloaded)
     np.testing.assert_array_equal(on_disk.get_fdata(), np.asarray(hub.dataobj))
     np.testing.assert_array_equal(on_disk.affine, hub.affine)
     for p in m.pairs:  # every file, as the cache reads it
-        cache.conform_pair(p, data, PreprocessSpec("ras-minmax", shape=(16, 16, 16)))
+        cache.prepare_pair(p, data, PreprocessSpec("ras-minmax", shape=(16, 16, 16)))
         assert arc.read_back(p, data) is None
 
 

@@ -23,3 +23,9 @@ class Cancelled(MeshchopError):
 
     def __init__(self, what: str = "stopped by the user"):
         super().__init__(what)
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a message: its first line, or its type's name."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -49,7 +49,7 @@ from napari_meshchop.data import DEFAULT_DATA_DIR, REPO  # noqa: F401 - this mod
 from napari_meshchop.data import folds as _folds
 from napari_meshchop.data import manifest as _manifest
 from napari_meshchop.data.manifest import Excluded, Manifest, Pair
-from napari_meshchop.errors import InputError, MeshchopError
+from napari_meshchop.errors import InputError, MeshchopError, reason
 from napari_meshchop.events import DownloadProgress, Progress, StopFlag, check_stop
 from napari_meshchop.imaging import nifti
 
@@ -201,7 +201,7 @@ class Volume:
     image: nib.Nifti1Image | None = None  # kept only for masks, whose voxels are counted
 
 
-def read_nifti(blob: Blob, label: str, voxels: bool = False) -> Volume:
+def read_blob(blob: Blob, label: str, voxels: bool = False) -> Volume:
     """Parse a NIfTI file's header and check that the whole file is there.
 
     The gzip stream is read to its end (its CRC is checked there) and the payload must be
@@ -222,7 +222,7 @@ def read_nifti(blob: Blob, label: str, voxels: bool = False) -> Volume:
                 chunks.append(chunk)
     except (OSError, EOFError, zlib.error, ValueError, nib.spatialimages.HeaderDataError,
             nib.filebasedimages.ImageFileError) as exc:
-        raise Skip("unreadable", f"{label} {blob.name}: {_reason(exc)}") from None
+        raise Skip("unreadable", f"{label} {blob.name}: {reason(exc, 300)}") from None
     shape = tuple(int(s) for s in header.get_data_shape())
     needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
     if length < needed:
@@ -268,18 +268,18 @@ def build_pair(row: dict, acquisition: str) -> tuple[Blob, Blob, Pair]:
         raise Skip("no-lesion", "")
     if not t2ws:
         raise Skip("no-t2w", "")
-    mask_vol = read_nifti(mask, "lesion mask", voxels=True)
+    mask_vol = read_blob(mask, "lesion mask", voxels=True)
     index, how = match_run([b.name for b in t2ws], mask.name)
     if index is None:  # names cannot tell: the one run on the mask's grid, if just one
         fits = [i for i, b in enumerate(t2ws)
-                if geometry_problem(read_nifti(b, "T2w"), mask_vol) is None]
+                if geometry_problem(read_blob(b, "T2w"), mask_vol) is None]
         if len(fits) != 1:
             raise Skip("no-run", f"{len(t2ws)} T2w runs ({', '.join(b.name for b in t2ws)}), "
                        f"{len(fits)} on the mask's grid")
         index, how = fits[0], "the only run on the mask's grid"
-        image_vol = read_nifti(t2ws[index], "T2w")
+        image_vol = read_blob(t2ws[index], "T2w")
     else:
-        image_vol = read_nifti(t2ws[index], "T2w")
+        image_vol = read_blob(t2ws[index], "T2w")
         problem = geometry_problem(image_vol, mask_vol)
         if problem is not None:
             raise Skip("geometry", f"{problem} ({t2ws[index].name})")
@@ -380,7 +380,7 @@ def open_rows(columns: list[str], repo: str = REPO, revision: str | None = None,
         raise
     except Exception as exc:  # the hub and fsspec raise many types for one cause
         where = f"{label}" + (f" at revision {revision}" if revision else "")
-        raise MeshchopError(f"could not open {where}: {_reason(exc)}. Check the repository "
+        raise MeshchopError(f"could not open {where}: {reason(exc, 300)}. Check the repository "
                             "id, the revision and the network") from None
     return Rows(_guarded(rows, label, keys), total)
 
@@ -392,7 +392,7 @@ def _guarded(rows: Iterator[dict], label: str, keys) -> Iterator[dict]:
         except StopIteration:
             return
         except Exception as exc:
-            raise MeshchopError(f"reading {label} failed ({_reason(exc)}); what is on disk "
+            raise MeshchopError(f"reading {label} failed ({reason(exc, 300)}); what is on disk "
                                 "is complete, run again to resume") from None
         if keys is None or (str(row["subject_id"]), str(row["session_id"])) in keys:
             yield row
@@ -570,7 +570,3 @@ def human_bytes(n: float) -> str:
 def _safe(text) -> str:
     return _SAFE.sub("_", str(text)) or "_"
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]

@@ -53,7 +53,7 @@ def image_dtype(spec: PreprocessSpec) -> type[np.generic]:
 
 
 @dataclass
-class Conformed:
+class PreparedPair:
     """A pair on the network grid, compact: the image (uint8 0..255 for ``conform``,
     float32 in [0, 1] otherwise, see :func:`image_dtype`) and a uint8 mask {0, 1}."""
 
@@ -68,7 +68,7 @@ class Conformed:
         return self.image
 
 
-def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) -> Conformed:
+def prepare_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) -> PreparedPair:
     """Preprocess a pair from its NIfTI files (the slow path the cache saves)."""
     data_dir = Path(data_dir)
     img = load_volume(data_dir / pair.image)
@@ -78,7 +78,7 @@ def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) 
     else:
         image = prepared.volume
     mask = prepare_mask(load_mask(data_dir / pair.mask), img, spec)
-    return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine)
+    return PreparedPair(image, mask.astype(np.uint8, copy=False), prepared.affine)
 
 
 class PairCache:
@@ -91,7 +91,7 @@ class PairCache:
     def path(self, pair: Pair) -> Path:
         return self.folder / f"{pair.id}.{cache_key(pair, self.spec)}.npz"
 
-    def load(self, pair: Pair) -> Conformed | None:
+    def load(self, pair: Pair) -> PreparedPair | None:
         """The cached pair, or None when it is not cached (or its file is damaged)."""
         where = self.path(pair)
         try:
@@ -108,9 +108,9 @@ class PairCache:
         if (shape != self.spec.shape or image.shape != shape
                 or image.dtype != image_dtype(self.spec)):
             return None
-        return Conformed(image, mask.reshape(shape), affine)
+        return PreparedPair(image, mask.reshape(shape), affine)
 
-    def store(self, pair: Pair, conformed: Conformed) -> Path:
+    def store(self, pair: Pair, conformed: PreparedPair) -> Path:
         where = self.path(pair)
         with files.atomic_file(where) as fh:
             np.savez(fh, image=np.ascontiguousarray(conformed.image,
@@ -119,11 +119,11 @@ class PairCache:
                      shape=np.array(conformed.image.shape), affine=conformed.affine)
         return where
 
-    def get(self, pair: Pair) -> Conformed:
+    def get(self, pair: Pair) -> PreparedPair:
         """Load the pair from the cache, preprocessing and storing it first if needed."""
         cached = self.load(pair)
         if cached is None:
-            cached = conform_pair(pair, self.data_dir, self.spec)
+            cached = prepare_pair(pair, self.data_dir, self.spec)
             self.store(pair, cached)
         return cached
 
@@ -134,7 +134,7 @@ class PairCache:
         for i, pair in enumerate(pairs):
             check_stop(stop)
             if not self.path(pair).is_file():
-                self.store(pair, conform_pair(pair, self.data_dir, self.spec))
+                self.store(pair, prepare_pair(pair, self.data_dir, self.spec))
                 built += 1
             yield Progress("preprocess", i + 1, len(pairs), pair.id)
         return built

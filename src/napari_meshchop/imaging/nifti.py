@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from napari_meshchop import files
-from napari_meshchop.errors import InputError
+from napari_meshchop.errors import InputError, reason
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -56,7 +56,7 @@ def _open(path: Path):
     try:
         img = nib.load(path)
     except Exception as exc:  # nibabel raises several types for foreign files
-        raise InputError(path, f"not a readable NIfTI image ({_reason(exc)})") from None
+        raise InputError(path, f"not a readable NIfTI image ({reason(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"is a {type(img).__name__}, not a NIfTI image")
     return img
@@ -69,7 +69,7 @@ def _voxels(img, path: Path, dtype=None) -> np.ndarray:
     try:
         return np.asarray(img.dataobj, dtype=dtype)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise InputError(path, f"file is truncated or corrupt ({_reason(exc)})") from None
+        raise InputError(path, f"file is truncated or corrupt ({reason(exc)})") from None
 
 
 def as_named(data: bytes, name: str | os.PathLike) -> bytes:
@@ -124,10 +124,6 @@ def _header_3d(img, data) -> nib.Nifti1Header:
     hdr.set_xyzt_units(*img.header.get_xyzt_units())
     return hdr
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
 
 
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from napari_meshchop import files
-from napari_meshchop.errors import InputError
+from napari_meshchop.errors import InputError, reason
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network.model import PAPER_DILATIONS, Architecture, MeshNet
 
@@ -69,7 +69,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise InputError(path, f"not a readable checkpoint ({_first_line(exc)})") from None
+        raise InputError(path, f"not a readable checkpoint ({reason(exc)})") from None
     if not isinstance(raw, dict):
         raise InputError(path, f"not a MeshNet checkpoint (holds a {type(raw).__name__})")
     if raw.get("format") == FORMAT:
@@ -95,7 +95,7 @@ def _from_ours(raw: dict, path: Path) -> Checkpoint:
             training=raw.get("training", {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(path, f"damaged checkpoint ({_first_line(exc)})") from None
+        raise InputError(path, f"damaged checkpoint ({reason(exc)})") from None
 
 
 def import_arc_meshchop(raw: dict, path: str | os.PathLike = "") -> Checkpoint:
@@ -149,7 +149,3 @@ def _check_weights(ckpt: Checkpoint, path: Path) -> None:
         raise InputError(path, f"weights do not fit MeshNet(channels={ckpt.arch.channels}, "
                          f"dilations={list(ckpt.arch.dilations)}): {detail}")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
