@@ -50,8 +50,8 @@ print(json.dumps({"imported": [n for n in names if core(n)], "needs_gui": needs,
 def test_core_modules_import_without_napari_qt_or_magicgui():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", PROBE], check=False, capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["blocker_works"] and not seen["gui_loaded"], seen
