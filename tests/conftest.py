@@ -70,7 +70,16 @@ class RealSegmentation:
 
 
 @pytest.fixture(scope="session")
-def real_segmentation(real_data, tmp_path_factory) -> RealSegmentation:
+def segmentation_memo(tmp_path_factory) -> Path:
+    """Where :func:`real_segmentation` records its network pass, known (and marked as to
+    come) before it runs, so that a subprocess started first can wait for it."""
+    import network_memo
+
+    return network_memo.announce(tmp_path_factory.mktemp("real_segmentation") / "memo")
+
+
+@pytest.fixture(scope="session")
+def real_segmentation(real_data, segmentation_memo) -> RealSegmentation:
     """The sample scan segmented once, by the pretrained MeshNet-26 on the CPU, through the
     core that `meshchop segment SCAN -o MASK --model meshnet26-arc-fold0 --device cpu`
     runs. Its network pass is recorded: the other tests that need a real segmentation run
@@ -80,8 +89,8 @@ def real_segmentation(real_data, tmp_path_factory) -> RealSegmentation:
     from napari_meshchop import events
     from napari_meshchop.network import inference
 
-    folder = tmp_path_factory.mktemp("real_segmentation")
-    with network_memo.recording(folder / "memo") as memo:
+    folder = segmentation_memo.parent
+    with network_memo.recording(segmentation_memo) as memo:
         result = events.run(inference.segment_file(
             SAMPLE_SCAN, folder / "lesion.nii.gz", "meshnet26-arc-fold0", "cpu"))
     assert len(list(memo.glob("*.npy"))) == 1

@@ -10,13 +10,16 @@ pass is computed as usual. A test that expects the replay asserts the hit, which
 proves that it fed the network exactly the numbers the CLI's core did.
 
 A subprocess replays too when ``tests/memo_site`` leads its PYTHONPATH and
-``MESHCHOP_TEST_MEMO`` names the memo folder (see memo_site/sitecustomize.py).
+``MESHCHOP_TEST_MEMO`` names the memo folder (see memo_site/sitecustomize.py). It may start
+before the recording is done (the README's set-up takes minutes, in parallel with it): while
+a folder is marked as being recorded (:func:`announce`), a pass not found there waits for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,8 @@ from napari_meshchop.network.inference import FusedMeshNet
 
 ENV = "MESHCHOP_TEST_MEMO"
 HITS = "hits.log"
+PENDING = "recording"  # present while a recording is to come or under way
+WAIT_S = 1800.0
 
 
 def _digest(arrays) -> str:
@@ -58,6 +63,10 @@ def _replayer(folder: Path, original):
     def lesion_probability(self, volume, stop=None):
         name = key(self, volume)
         recorded = folder / f"{name}.npy"
+        deadline = time.monotonic() + WAIT_S
+        while not recorded.is_file() and (folder / PENDING).exists() \
+                and time.monotonic() < deadline:
+            time.sleep(1.0)
         if not recorded.is_file():
             return (yield from original(self, volume, stop))
         for i in range(1, self.n_steps):  # the same progress as a real pass
@@ -88,9 +97,22 @@ def _patched(make, folder):
         FusedMeshNet.lesion_probability = original
 
 
+def announce(folder) -> Path:
+    """Mark ``folder`` as about to be recorded, so that replays wait for it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PENDING).touch()
+    return folder
+
+
+@contextlib.contextmanager
 def recording(folder):
     """Within: every MeshNet pass is computed and saved in ``folder``."""
-    return _patched(_recorder, folder)
+    try:
+        with _patched(_recorder, announce(folder)) as folder:
+            yield folder
+    finally:
+        (Path(folder) / PENDING).unlink(missing_ok=True)
 
 
 def replaying(folder):

@@ -1,7 +1,10 @@
 """The test harness's record and replay of MeshNet passes (tests/network_memo.py)."""
 
-import numpy as np
+import threading
+import time
+
 import network_memo
+import numpy as np
 
 from napari_meshchop.events import run
 from napari_meshchop.network import checkpoint
@@ -23,3 +26,21 @@ def test_only_the_same_weights_and_input_are_replayed(tiny_checkpoint, tmp_path)
         np.testing.assert_allclose(computed, recorded, atol=1e-4)
     assert network_memo.hits(memo) == 1
     assert run(net.lesion_probability(volume)).tolist() == recorded.tolist()  # unpatched
+
+
+def test_a_replay_waits_for_a_recording_announced_but_not_done(tiny_checkpoint, tmp_path):
+    net = FusedMeshNet(checkpoint.load(tiny_checkpoint).build())
+    volume = np.zeros((6, 6, 6), np.float32)
+    memo = network_memo.announce(tmp_path)
+
+    def record_later():
+        time.sleep(1.0)
+        np.save(memo / f"{network_memo.key(net, volume)}.npy", np.full(volume.shape, 0.25))
+        (memo / network_memo.PENDING).unlink()
+
+    thread = threading.Thread(target=record_later)
+    thread.start()
+    with network_memo.replaying(memo):
+        assert np.all(run(net.lesion_probability(volume)) == 0.25)
+    thread.join()
+    assert network_memo.hits(memo) == 1
