@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SAMPLE_SCAN, require, require_module
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
@@ -26,7 +27,6 @@ from napari_meshchop.imaging import conform as cf
 from napari_meshchop.imaging.geometry import resample
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _find_niimath() -> str | None:
@@ -35,7 +35,11 @@ def _find_niimath() -> str | None:
 
 
 NIIMATH = _find_niimath()
-needs_niimath = pytest.mark.skipif(NIIMATH is None, reason="niimath executable not found")
+
+
+@pytest.fixture
+def niimath():
+    require(NIIMATH is not None, "the niimath executable (pip install niimath)")
 
 
 # ----------------------------------------------------------------------------- test images
@@ -62,7 +66,7 @@ def _mni_template(resolution: int):
 
 
 def _mni(resolution: int):
-    pytest.importorskip("nilearn")
+    require_module("nilearn", "the MNI152 template for test images")
     return _mni_template(resolution)
 
 
@@ -143,7 +147,7 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- the oracle
 
 
-@needs_niimath
+@pytest.mark.usefixtures("niimath")
 @pytest.mark.parametrize("name", ORACLE_IMAGES)
 def test_matches_niimath(name, tmp_path, monkeypatch):
     src = tmp_path / f"{name}.nii"  # uncompressed: gzip would dominate the run time
@@ -176,7 +180,7 @@ def test_matches_niimath(name, tmp_path, monkeypatch):
     assert within >= 99.0, report
 
 
-@needs_niimath
+@pytest.mark.usefixtures("niimath")
 def test_mask_matches_niimath_nearest_neighbour(tmp_path):
     """An oblique 2 mm mask stored with scl_slope 1/255, against niimath's nearest neighbour."""
     mni = _mni(2)
@@ -198,7 +202,7 @@ def test_mask_matches_niimath_nearest_neighbour(tmp_path):
     assert ours.sum() > 0.99 * theirs.sum() > 0
 
 
-@needs_niimath
+@pytest.mark.usefixtures("niimath")
 def test_centre_voxel_lands_where_niimath_puts_it(tmp_path):
     """One bright voxel at index N/2 of an even 1 mm RAS grid lands exactly on voxel 128."""
     data = np.zeros((64, 80, 48), np.float32)
@@ -233,7 +237,8 @@ def test_header_of_the_conformed_image(tmp_path):
     data = np.random.default_rng(0).random((40, 50, 30)).astype(np.float32) * 1000
     img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
     out = cf.conform(img)
-    expected = cf.conformed_affine(img.affine, img.shape)
+    # By hand: voxel N/2 = (20, 25, 15) is at (40, 50, 30) mm and lands on LIA voxel 128.
+    expected = np.array([[-1, 0, 0, 168], [0, 0, 1, -78], [0, -1, 0, 158], [0, 0, 0, 1.0]])
     assert out.shape == cf.CONFORMED_SHAPE and out.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(out.affine, expected)
     nib.save(out, tmp_path / "c.nii")
@@ -251,7 +256,7 @@ def test_header_of_the_conformed_image(tmp_path):
 def test_already_conformed_uint8_keeps_its_grid_and_voxel_order():
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, cf.CONFORMED_SHAPE, dtype=np.uint8)
-    affine = cf.conformed_affine(np.diag([1.0, 1.0, 1.0, 1.0]), (256, 256, 256))
+    affine = np.array([[-1, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1.0]])  # LIA
     affine[:3, 3] += [0.5, -3.25, 7.0]  # an arbitrary centre
     out = cf.conform(nib.Nifti1Image(data, affine))
     np.testing.assert_array_equal(out.affine, affine)
@@ -263,10 +268,9 @@ def test_already_conformed_uint8_keeps_its_grid_and_voxel_order():
     assert np.all(np.diff(lut) >= 0) and got.max() == 255
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "sub-M2265_T2w.nii.gz").exists(), reason="no shared data")
-def test_storage_type_does_not_change_conform():
+def test_storage_type_does_not_change_conform(real_data):
     """uint8, int16 and float64 storage of the same real scan conform to the same voxels."""
-    img = nib.load(SHARED_DATA / "sub-M2265_T2w.nii.gz")
+    img = nib.load(SAMPLE_SCAN)
     values = np.asanyarray(img.dataobj)
     outs = [cf.conform(nib.Nifti1Image(values.astype(t), img.affine))
             for t in (np.uint8, np.int16, np.float64)]
@@ -343,7 +347,10 @@ def test_conform_mask_nearest_and_binary(tmp_path, stored, slope, inter):
     assert out.shape == cf.CONFORMED_SHAPE and got.dtype == np.uint8
     assert set(np.unique(got)) == {0, 1}
     affine = img.affine  # as stored: float32
-    np.testing.assert_array_equal(out.affine, cf.conformed_affine(affine, lesion.shape))
+    # The conformed grid: 1 mm LIA axes, the input's voxel N/2 on voxel 128.
+    np.testing.assert_array_equal(out.affine[:3, :3], [[-1, 0, 0], [0, 0, 1], [0, -1, 0]])
+    np.testing.assert_allclose(np.linalg.solve(out.affine, affine @ [20, 24, 18, 1.0]),
+                               [128, 128, 128, 1], atol=1e-9)
     # Nearest neighbour: each conformed voxel takes the input voxel nearest its centre.
     ijk = np.argwhere(np.ones(cf.CONFORMED_SHAPE[:2] + (1,), bool))[::97]
     for k in (60, 100, 128, 150):

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 from napari_meshchop import events
 from napari_meshchop.studies import engine
@@ -74,12 +75,8 @@ WORKER = textwrap.dedent("""
 @pytest.fixture
 def postgres_url() -> str:
     url = os.environ.get(POSTGRES)
-    if not url:
-        message = (f"{POSTGRES} is not set (the README's test command starts PostgreSQL and "
-                   "sets it)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL tests: {message}")
-        pytest.skip(message)
+    require(bool(url), f"a PostgreSQL server in {POSTGRES} (the README's test command "
+            "starts one and sets it)")
     return url
 
 

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 from napari_meshchop import cli, events
 from napari_meshchop.data import folds, manifest
@@ -23,7 +24,7 @@ from napari_meshchop.evaluation.evaluate import (
     SubjectResult,
     evaluate_subjects,
 )
-from napari_meshchop.evaluation.metrics import METRICS, confusion, scores
+from napari_meshchop.evaluation.metrics import METRICS
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network import checkpoint as ckpt_io
 from napari_meshchop.network.inference import FusedMeshNet
@@ -74,11 +75,21 @@ def test_each_record_comes_out_before_the_next_subject_is_loaded():
                          _note_records(log))
     assert log == [(kind, i) for i in range(4) for kind in ("load", "record")]
     assert [r.index for r in results] == [0, 1, 2, 3] and all(r.ok for r in results)
-    for r in results:  # scores of the mask P > 0.5, from the counts, with 2 mm^3 voxels
-        s = _subject(r.index)
-        expected = confusion(s.image > 0.5, s.truth, 0.002)
-        assert r.counts == expected.to_dict() and r.scores == scores(expected)
-        assert r.scores["true_ml"] == pytest.approx(s.truth.sum() * 0.002)
+    for r in results:  # the mask P > 0.5 against the truth, counted here, 2 mm^3 voxels
+        assert r.counts == _counted(_subject(r.index).image > 0.5, _subject(r.index).truth)
+        p, t = _subject(r.index).image.ravel() > 0.5, _subject(r.index).truth.ravel() > 0
+        assert r.scores["dice"] == pytest.approx(f1_score(t, p), rel=1e-12)
+        assert r.scores["macro_dice"] == pytest.approx(f1_score(t, p, average="macro"),
+                                                       rel=1e-12)
+        assert r.scores["mcc"] == pytest.approx(matthews_corrcoef(t, p), rel=1e-12)
+        assert r.scores["true_ml"] == pytest.approx(t.sum() * 0.002)
+        assert r.scores["pred_ml"] == pytest.approx(p.sum() * 0.002)
+
+
+def _counted(prediction, truth, voxel_ml: float = 0.002) -> dict:
+    p, t = np.asarray(prediction) > 0, np.asarray(truth) > 0
+    return {"tp": int(np.sum(p & t)), "fp": int(np.sum(p & ~t)), "fn": int(np.sum(~p & t)),
+            "tn": int(np.sum(~p & ~t)), "voxel_ml": voxel_ml}
 
 
 def test_a_subject_that_fails_to_load_gets_its_error_and_the_rest_go_on():
@@ -131,8 +142,8 @@ def test_a_plain_dataset_of_tensor_pairs_is_evaluated_too():
              for s in map(_subject, range(2))]
     results = events.run(evaluate.evaluate_dataset(Threshold(), pairs))
     assert [r.subject for r in results] == ["item 0", "item 1"]
-    expected = confusion(_subject(1).image > 0.5, _subject(1).truth)
-    assert results[1].counts == expected.to_dict()
+    assert [r.counts for r in results] == [
+        _counted(_subject(i).image > 0.5, _subject(i).truth, 0.001) for i in range(2)]
 
 
 # --------------------------------------------------------------- a replica cohort
@@ -155,8 +166,9 @@ def _by_hand(model_path, data, ids):
     out = {}
     for pair, (image, mask) in zip(dataset.pairs, dataset):
         prob = events.run(fused.lesion_probability(image[0].numpy()))
-        out[pair.id] = confusion(prob > 0.5, mask.numpy(),
-                                 evaluate.voxel_ml(dataset.cache.get(pair).affine))
+        grid = dataset.cache.get(pair).affine
+        out[pair.id] = _counted(prob > 0.5, mask.numpy(),
+                                abs(np.linalg.det(grid[:3, :3])) / 1000)
     return out
 
 
@@ -201,7 +213,7 @@ def test_cli_writes_json_and_csv_that_agree_with_the_core(data, tiny_checkpoint,
     core = events.run(evaluate.evaluate(tiny_checkpoint, data, ids, "cpu"))
     by_hand = _by_hand(tiny_checkpoint, data, ids)
     for record, r in zip(records, core, strict=True):
-        assert r.counts == by_hand[r.subject].to_dict()
+        assert r.counts == pytest.approx(by_hand[r.subject], rel=1e-12)
         assert {k: record[k] for k in ("tp", "fp", "fn", "tn")} == {
             k: r.counts[k] for k in ("tp", "fp", "fn", "tn")}
         for m in METRICS:

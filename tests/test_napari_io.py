@@ -9,15 +9,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import oriented_affine
+from conftest import SAMPLE_SCAN as SAMPLE
+from conftest import SHARED_DATA, oriented_affine
 
 from napari_meshchop.errors import InputError, MeshchopError
 from napari_meshchop.plugin import layers
 from napari_meshchop.plugin.reader import napari_get_reader, read_layer
 from napari_meshchop.plugin.writer import write_image, write_labels
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLE = SHARED_DATA / "sub-M2265_T2w.nii.gz"
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +90,7 @@ def test_labels_round_trip_on_the_source_grid(tmp_path, grid):
     assert np.array_equal(labels[0], mask)
 
 
-def test_real_scan_round_trip(tmp_path):
+def test_real_scan_round_trip(tmp_path, real_data):
     image = read_layer(SAMPLE)
     assert image[0].shape == (256, 256, 256) and image[0].dtype == np.uint8
     assert image[1]["metadata"]["path"] == str(SAMPLE)
@@ -166,7 +164,7 @@ def test_binary_and_label_intent_files_open_as_labels(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Non-orthogonal slicing")  # napari shows oblique grids unrotated in 2D
-def test_manifest_reader_writer_and_sample(make_napari_viewer, tmp_path):
+def test_manifest_reader_writer_and_sample(make_napari_viewer, tmp_path, real_data):
     import napari
 
     viewer = make_napari_viewer()

@@ -1,17 +1,20 @@
 """The Segment widget, opened through the manifest and driven like a user would.
 
 Fast tests use a tiny untrained MeshNet on small synthetic scans; the real-data test
-segments the ARC sample with the pretrained MeshNet-26 (about 2 minutes on 2 CPU cores).
+segments the ARC sample with the pretrained MeshNet-26, sharing the network pass of the
+session's one real segmentation (conftest.real_segmentation).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import network_memo
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, require_module
 
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network import checkpoint
@@ -20,7 +23,6 @@ from napari_meshchop.plugin import layers
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.segment import CHECKPOINT, SegmentWidget
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRANSFORM = ("scale", "translate", "rotate", "shear")
 
 
@@ -229,11 +231,20 @@ def test_image_choices_follow_the_layer_list(make_napari_viewer):
 
 
 @pytest.mark.slow
-def test_real_scan_real_model_left_hemisphere_lesion(make_napari_viewer, qtbot):
+def test_real_scan_real_model_left_hemisphere_lesion(make_napari_viewer, qtbot,
+                                                     real_segmentation):
+    """The sample, opened from napari's menu and segmented by the widget's default model.
+
+    The widget runs its whole path; only the network pass, when its weights and input are
+    byte for byte those of the session's real segmentation, is replayed from it."""
     viewer = make_napari_viewer()
     (image,) = viewer.open_sample("napari-meshchop", "sub-M2265_T2w")
     widget = _open_widget(viewer)  # the default: pretrained MeshNet-26
-    _run(qtbot, widget, timeout_s=900)
+    with network_memo.replaying(real_segmentation.memo) as memo:
+        before = network_memo.hits(memo)
+        _run(qtbot, widget, timeout_s=900)
+        # The widget fed the network exactly the numbers that `meshchop segment` does.
+        assert network_memo.hits(memo) == before + 1
     labels = viewer.layers["sub-M2265_T2w lesion"]
     _assert_overlays(labels, image)
     voxels = int(labels.data.sum())
@@ -249,11 +260,15 @@ def test_real_scan_real_model_left_hemisphere_lesion(make_napari_viewer, qtbot):
     # In the file's RAS voxel grid, as the CLI test reports it: x near 97 of 256.
     canonical = nib.as_closest_canonical(nib.Nifti1Image(labels.data, ras))
     assert np.argwhere(np.asarray(canonical.dataobj)).mean(0)[0] == pytest.approx(97, abs=3)
+    # Voxel for voxel the mask that the core writes for the same scan.
+    cli = nib.as_closest_canonical(nib.load(real_segmentation.mask))
+    np.testing.assert_allclose(canonical.affine, cli.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(canonical.dataobj), np.asarray(cli.dataobj))
 
 
 def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_path):
     """With napari-nifti installed, both readers open the file and the masks agree."""
-    pytest.importorskip("napari_nifti")
+    require_module("napari_nifti", "napari-nifti, the other NIfTI plugin")
     viewer = make_napari_viewer()
     path = _scan_file(tmp_path)
     (ours,) = viewer.open(str(path), plugin="napari-meshchop")

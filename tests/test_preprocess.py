@@ -4,7 +4,6 @@ import pytest
 from conftest import oblique_affine, phantom
 from scipy import ndimage
 
-from napari_meshchop.imaging.conform import conformed_affine
 from napari_meshchop.imaging.preprocess import (
     PreprocessSpec,
     network_grid,
@@ -50,11 +49,37 @@ def test_ras_minmax_reproduces_arc_meshchop_training(axcodes):
     np.testing.assert_allclose(prepared.volume, expected, atol=2e-5)
 
 
-def test_conform_grid_is_the_conformed_affine():
-    affine = oblique_affine()
-    shape = (60, 50, 20)
-    np.testing.assert_allclose(network_grid(affine, shape, PreprocessSpec()),
-                               conformed_affine(affine, shape))
+def _axis_aligned(zooms, origin) -> np.ndarray:
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+@pytest.mark.parametrize(("affine", "shape", "expected"), [
+    # 2 mm RAS, origin (-10, -20, -30): the centre voxel N/2 = (30, 25, 10) is at world
+    # (50, 30, -10) and lands on LIA voxel 128, which is (-128, 128, -128) mm from the origin.
+    (_axis_aligned([2.0, 2.0, 2.0], [-10.0, -20.0, -30.0]), (60, 50, 20),
+     [[-1, 0, 0, 178], [0, 0, 1, -98], [0, -1, 0, 118], [0, 0, 0, 1]]),
+    # 1 mm LPS, origin (100, 80, -40): centre (32, 32, 16) at world (68, 48, -24).
+    (_axis_aligned([-1.0, -1.0, 1.0], [100.0, 80.0, -40.0]), (64, 64, 32),
+     [[-1, 0, 0, 196], [0, 0, 1, -80], [0, -1, 0, 104], [0, 0, 0, 1]]),
+])
+def test_conform_grid_by_hand(affine, shape, expected):
+    """FreeSurfer's conformed grid: 1 mm LIA, the input's voxel N/2 on voxel 128."""
+    np.testing.assert_allclose(network_grid(affine, shape, PreprocessSpec()), expected,
+                               atol=1e-12)
+
+
+def test_ras_minmax_grid_by_hand():
+    """2 mm LAS voxels, 10 x 20 x 10: reoriented to RAS (x flipped), zoomed to 1 mm the way
+    scipy.ndimage.zoom does (corner-aligned: zoomed voxel o is source voxel o (n-1)/(m-1)),
+    then centred in 32^3: x and z (20 zoomed voxels) padded by 6, y (40) cropped by 4."""
+    affine = _axis_aligned([-2.0, 2.0, 2.0], [9.0, 0.0, 5.0])  # voxel i = 9 is at x = -9
+    grid = network_grid(affine, (10, 20, 10), PreprocessSpec("ras-minmax", shape=(32,) * 3))
+    # x: world = -9 + 2 (n - 6) 9/19; y: world = 2 (n + 4) 19/39; z like x from 5.
+    expected = np.diag([18 / 19, 38 / 39, 18 / 19, 1.0])
+    expected[:3, 3] = [-9 - 108 / 19, 152 / 39, 5 - 108 / 19]
+    np.testing.assert_allclose(grid, expected, atol=1e-12)
 
 
 def test_prediction_maps_back_onto_the_input_grid():
