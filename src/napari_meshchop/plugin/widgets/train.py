@@ -32,6 +32,7 @@ from napari_meshchop.errors import MeshchopError
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.segment import offer_checkpoint
 from napari_meshchop.studies import engine, hpo
 from napari_meshchop.training import loop as train
 
@@ -200,10 +201,15 @@ class TrainWidget(Container):
         self._epoch_bar.value = result.epochs_done
         verb = "Stopped" if result.stopped else "Finished"
         self._status.value = f"{verb} after {result.epochs_done} epochs; {result.checkpoint}"
-        from napari_meshchop.plugin.widgets.segment import offer_checkpoint
+        self._offer_to_segment(result, verb)
 
-        offer_checkpoint(self._viewer, result.checkpoint)
-        show_info(f"Training {verb.lower()}; checkpoint {result.checkpoint}")
+    def _offer_to_segment(self, result: train.TrainResult, verb: str) -> None:
+        """The run's checkpoint becomes a Model choice of the Segment widget, labelled with
+        its run and epoch; the user picks it (nothing changes by itself)."""
+        label = checkpoint_label(result)
+        offered = offer_checkpoint(self._viewer, result.checkpoint, label)
+        where = (" It is a Model choice in the Segment widget: " + label) if offered else ""
+        show_info(f"Training {verb.lower()}; checkpoint {result.checkpoint}.{where}")
 
     def _on_error(self, exc: Exception) -> None:
         report_error(self._status, "Training", exc)
@@ -211,6 +217,18 @@ class TrainWidget(Container):
     def _on_finished(self) -> None:
         self.worker = None
         self._start.text = "Start"
+
+
+def checkpoint_label(result: train.TrainResult) -> str:
+    """"run <folder>, epoch N (best.pt, val Dice 0.61)": which run, which epoch, which file."""
+    path = result.checkpoint
+    if path == result.best:
+        scored = [r for r in result.history if r.get("val_dice") is not None]
+        best = max(scored, key=lambda r: r["val_dice"]) if scored else None
+        epoch = best["epoch"] + 1 if best else result.epochs_done
+        dice = f", val Dice {best['val_dice']:.2f}" if best else ""
+        return f"run {result.out_dir.name}, epoch {epoch} ({path.name}{dice})"
+    return f"run {result.out_dir.name}, epoch {result.epochs_done} ({path.name})"
 
 
 COLUMNS = ["trial", "state", "mean Dice"]

@@ -1,0 +1,127 @@
+"""A session that never loses a result: a Segment run belongs to its widget and its image.
+
+Closing the widget, removing the image or closing the viewer stops the run (the core checks
+its stop flag slab by slab) and drops its result; time is reported as elapsed and left.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_meshchop.errors import Cancelled
+from napari_meshchop.events import Progress
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network import checkpoint
+from napari_meshchop.network.inference import FusedMeshNet
+from napari_meshchop.network.model import Architecture, MeshNet
+from napari_meshchop.plugin.widgets.feedback import Timer, clock
+from napari_meshchop.plugin.widgets.segment import CHECKPOINT, SegmentWidget
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_settings):
+    """QSettings in tmp_path (conftest)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = MeshNet(Architecture(channels=2))
+    ck = checkpoint.from_model(model.eval(), PreprocessSpec(name="ras-minmax", shape=(32,) * 3))
+    return ck.save(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def _scan(tmp_path, name="scan") -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image((rng.random((24, 26, 22)) * 100).astype(np.int16), np.eye(4)),
+             path)
+    return path
+
+
+def _widget(viewer, model) -> SegmentWidget:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Segment stroke lesion")
+    widget._model.value = CHECKPOINT
+    widget._checkpoint.value = model
+    widget._device.value = "cpu"
+    return widget
+
+
+def _watch(widget) -> list:
+    """What the running worker returns (nothing, when it was stopped)."""
+    returned: list = []
+    widget.worker.returned.connect(returned.append)
+    return returned
+
+
+def test_closing_the_widget_stops_its_run_and_drops_the_result(
+        make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(_scan(tmp_path)), plugin="napari-meshchop")
+    widget = _widget(viewer, tiny_model)
+    widget.run()
+    worker, returned = widget.worker, _watch(widget)
+    viewer.window.remove_dock_widget(widget.native)  # what the dock's close button does
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert not worker.is_running and returned == []
+    assert [layer.name for layer in viewer.layers] == ["scan"]
+    assert widget._status.value.startswith("Stopped: the widget was closed")
+
+
+def test_removing_the_image_stops_its_run_and_never_jumps_to_another(
+        make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    (scan,) = viewer.open(str(_scan(tmp_path)), plugin="napari-meshchop")
+    (other,) = viewer.open(str(_scan(tmp_path, "other")), plugin="napari-meshchop")
+    widget = _widget(viewer, tiny_model)
+    widget._image.value = scan
+    widget.run()
+    returned = _watch(widget)
+    viewer.layers.remove(scan)
+    assert widget._image.value is None and other in widget._image.choices
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert returned == [] and [layer.name for layer in viewer.layers] == ["other"]
+    assert widget._status.value == "Stopped: 'scan' was removed; nothing will be added."
+    assert widget._run.enabled  # ready for the next run, once an image is chosen
+
+
+def test_closing_the_viewer_stops_the_run(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(_scan(tmp_path)), plugin="napari-meshchop")
+    widget = _widget(viewer, tiny_model)
+    widget.run()
+    worker, returned = widget.worker, _watch(widget)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    assert returned == []
+
+
+def test_the_network_checks_the_stop_flag_slab_by_slab():
+    """A stop lands within a slab of one layer (about a second at 256^3 on a CPU), not
+    at the end of the layer (ten seconds or more)."""
+    torch.manual_seed(0)
+    fused = FusedMeshNet(MeshNet(Architecture(channels=2, dilations=(1, 2))).eval(), slab=4)
+    checks = itertools.count()
+    stop = lambda: next(checks) >= 3  # noqa: E731 - the third check asks to stop
+    job = fused.lesion_probability(np.zeros((16, 8, 8), np.float32), stop)
+    with pytest.raises(Cancelled):
+        next(job)  # the first layer (4 slabs) is cut short: it never reports
+    assert next(checks) == 4
+
+
+def test_timer_reports_elapsed_and_time_left_from_the_stage_steps():
+    now = [100.0]
+    timer = Timer("network", now=lambda: now[0])
+    now[0] = 104.0
+    assert timer.update(Progress("preprocess", 1, 13)) == "0:04 elapsed"
+    now[0] = 110.0
+    assert timer.update(Progress("network", 3, 13)) == "0:10 elapsed"  # one step: no rate
+    now[0] = 130.0  # 2 layers in 20 s: 10 s each, 8 steps to go
+    assert timer.update(Progress("network", 5, 13)) == "0:30 elapsed, about 1:20 left"
+    assert clock(3725) == "1:02:05" and clock(59.6) == "1:00"
