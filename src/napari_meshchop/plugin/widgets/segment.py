@@ -42,6 +42,7 @@ from napari_meshchop.events import Progress, check_stop
 from napari_meshchop.network import registry
 from napari_meshchop.network.inference import SegmentResult, available_devices, segment
 from napari_meshchop.plugin import layers
+from napari_meshchop.plugin.reader import prefer_for_nifti
 from napari_meshchop.plugin.widgets.feedback import ActivityBar, Timer, clock, report_error
 from napari_meshchop.plugin.widgets.layout import scroll, when_closed
 from napari_meshchop.plugin.widgets.paths import data_home, elide_path
@@ -171,6 +172,7 @@ class SegmentWidget(Container):
         self._on_model()
         self._describe()
         _OPEN.add(self)
+        prefer_for_nifti()  # File > Open of a .nii.gz now comes to our reader
 
     def offer_checkpoint(self, path: str | Path, label: str) -> Offered:
         """Add a checkpoint (e.g. one the Train widget just wrote) to the Model choices,
