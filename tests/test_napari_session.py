@@ -125,3 +125,22 @@ def test_timer_reports_elapsed_and_time_left_from_the_stage_steps():
     now[0] = 130.0  # 2 layers in 20 s: 10 s each, 8 steps to go
     assert timer.update(Progress("network", 5, 13)) == "0:30 elapsed, about 1:20 left"
     assert clock(3725) == "1:02:05" and clock(59.6) == "1:00"
+
+
+def test_all_widgets_docked_fit_a_1600_by_1000_window(make_napari_viewer, qtbot):
+    """Opened one by one from the Plugins menu, the widgets share one tabbed dock, each
+    scrolling within it: the window still fits a 1600 x 1000 screen, titles and all."""
+    from npe2 import PluginManifest
+
+    from test_napari_manifest import MANIFEST
+
+    viewer = make_napari_viewer()
+    names = [w.display_name for w in PluginManifest.from_file(MANIFEST).contributions.widgets]
+    widgets = [viewer.window.add_plugin_dock_widget("napari-meshchop", name)[1]
+               for name in names]
+    qtbot.wait(50)  # docks join their siblings' tabs on the next turn of the event loop
+    window = viewer.window._qt_window
+    hint = window.minimumSizeHint()
+    assert hint.width() <= 1600 and hint.height() <= 1000, hint
+    docks = [widget.native.parent() for widget in widgets]
+    assert set(window.tabifiedDockWidgets(docks[0])) == set(docks[1:])  # one dock, 4 tabs

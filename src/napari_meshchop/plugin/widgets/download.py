@@ -30,6 +30,7 @@ from napari_meshchop.data.manifest import REASONS, Manifest
 from napari_meshchop.errors import Cancelled
 from napari_meshchop.events import DownloadProgress, Progress
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock
 
 if TYPE_CHECKING:
     import napari
@@ -84,6 +85,7 @@ class DownloadWidget(Container):
         self._summary.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         inputs = Container(widgets=[self._repo, self._revision, self._folder], labels=True)
         self.extend([inputs, self._start, self._progress, self._status, self._summary])
+        fit_dock(self)
         self._start.clicked.connect(self.toggle)
         self._restore_settings()
 

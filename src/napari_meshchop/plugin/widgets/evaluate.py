@@ -50,6 +50,7 @@ from napari_meshchop.network import registry
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock
 
 if TYPE_CHECKING:
     import napari
@@ -174,6 +175,7 @@ class EvaluateWidget(Container):
         for widget in (self.table, self._summary.native, self._export.native):
             column.addWidget(widget)
         self.native.layout().addWidget(results)
+        fit_dock(self)
 
         self._model.changed.connect(self._on_model)
         self._part.changed.connect(lambda v: setattr(self._inner, "enabled", v == "val"))

@@ -2,9 +2,11 @@
 
 napari docks a widget's ``.native`` QWidget; with the four MeshChop widgets docked on one
 side of a 1000-pixel screen, each one's minimum height adds up, pushing the status bar
-and half the canvas off-screen. :func:`scroll` moves a built widget's contents into a
+and half the canvas off-screen. :func:`fit_dock` moves a built widget's contents into a
 scroll area, so a dock can be as short as the user makes it; its width still follows the
-contents. :func:`when_closed` calls back when the widget is taken out of its dock.
+contents, and a MeshChop widget docked beside another one joins it as a tab
+(:func:`tab_with_siblings`), each then getting the dock's full height.
+:func:`when_closed` calls back when the widget is taken out of its dock.
 """
 
 from __future__ import annotations
@@ -13,15 +15,24 @@ import weakref
 from collections.abc import Callable
 
 from magicgui.widgets import Container
-from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtWidgets import (
+    QDockWidget,
+    QFrame,
+    QMainWindow,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 MIN_HEIGHT = 120  # what a dock keeps of a widget: a few rows, then it scrolls
+SIBLING = "napari_meshchop_widget"  # a Qt property that marks our widgets
 
 
-def scroll(container: Container) -> QScrollArea:
+def fit_dock(container: Container) -> QScrollArea:
     """Put ``container``'s contents (its layout, with every child) into a vertical scroll
-    area that fills the container; later additions to the container land inside too."""
+    area that fills the container (later additions land inside too), and make it a tab of
+    the MeshChop widget docked beside it, if any."""
     outer = container.native
     inner = QWidget()
     inner.setLayout(outer.layout())  # Qt moves a layout, children and all, to its new widget
@@ -36,7 +47,47 @@ def scroll(container: Container) -> QScrollArea:
     column = QVBoxLayout(outer)
     column.setContentsMargins(0, 0, 0, 0)
     column.addWidget(area)
+    tab_with_siblings(container)
     return area
+
+
+def tab_with_siblings(container: Container) -> None:
+    """When napari docks ``container`` in an area that already holds a MeshChop widget,
+    make it a tab of that dock (what ``napari -w napari-meshchop __all__`` does)."""
+    native = container.native
+    native.setProperty(SIBLING, True)
+    native.installEventFilter(_Docked(native))
+
+
+class _Docked(QObject):
+    def eventFilter(self, widget: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.ParentChange and isinstance(widget, QWidget) \
+                and widget.parent() is not None:
+            # napari puts the widget in its dock first, then the dock in the window.
+            QTimer.singleShot(0, lambda: _tabify(widget))
+        return False
+
+
+def _tabify(widget: QWidget) -> None:
+    """All MeshChop docks in ``widget``'s dock area become tabs of the first one; the
+    newly docked widget's tab is shown."""
+    try:
+        dock = widget.parent()
+    except RuntimeError:  # deleted before the event loop came round
+        return
+    window = dock.parent() if isinstance(dock, QDockWidget) else None
+    if not isinstance(window, QMainWindow):
+        return
+    area = window.dockWidgetArea(dock)
+    group = [d for d in window.findChildren(QDockWidget)
+             if d.widget() is not None and d.widget().property(SIBLING)
+             and window.dockWidgetArea(d) == area and not d.isFloating()]
+    first = group[0]
+    for other in group[1:]:
+        if other not in window.tabifiedDockWidgets(first):
+            window.tabifyDockWidget(first, other)
+    dock.show()
+    dock.raise_()
 
 
 class _Closed(QObject):

@@ -44,7 +44,7 @@ from napari_meshchop.network.inference import SegmentResult, available_devices, 
 from napari_meshchop.plugin import layers
 from napari_meshchop.plugin.reader import prefer_for_nifti
 from napari_meshchop.plugin.widgets.feedback import ActivityBar, Timer, clock, report_error
-from napari_meshchop.plugin.widgets.layout import scroll, when_closed
+from napari_meshchop.plugin.widgets.layout import fit_dock, when_closed
 from napari_meshchop.plugin.widgets.paths import data_home, elide_path
 
 CHECKPOINT = "checkpoint file..."
@@ -156,7 +156,7 @@ class SegmentWidget(Container):
         # Progress and messages span the dock's width, under the labelled inputs.
         self.extend([inputs, self._geometry, buttons, self._progress, self._status,
                      self._time, self._result, self._save])
-        scroll(self)
+        fit_dock(self)
         self._image.value = next((c for c in self._image.choices if c is not None), None)
 
         self._image.changed.connect(self._describe)

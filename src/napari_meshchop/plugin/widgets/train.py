@@ -32,6 +32,7 @@ from napari_meshchop.errors import MeshchopError
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.segment import offer_checkpoint
 from napari_meshchop.studies import engine, hpo
 from napari_meshchop.training import loop as train
@@ -131,6 +132,7 @@ class TrainWidget(Container):
         self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
         self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
         self.extend([self._search_box, self.search])
+        fit_dock(self)
         self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._start.clicked.connect(self.toggle)
