@@ -144,3 +144,28 @@ def test_all_widgets_docked_fit_a_1600_by_1000_window(make_napari_viewer, qtbot)
     assert hint.width() <= 1600 and hint.height() <= 1000, hint
     docks = [widget.native.parent() for widget in widgets]
     assert set(window.tabifiedDockWidgets(docks[0])) == set(docks[1:])  # one dock, 4 tabs
+
+
+def test_paths_show_both_ends_and_start_under_the_users_data_folder(
+        make_napari_viewer, monkeypatch, tmp_path):
+    from napari_meshchop.plugin.widgets.paths import shown_text
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # platformdirs' data folder
+    viewer = make_napari_viewer()
+    opened = {name: viewer.window.add_plugin_dock_widget("napari-meshchop", name)[1]
+              for name in ("Segment stroke lesion", "Download ARC cohort", "Train MeshNet",
+                           "Evaluate MeshNet")}
+    home = tmp_path / "xdg" / "napari-meshchop"
+    segment, download = opened["Segment stroke lesion"], opened["Download ARC cohort"]
+    train, evaluate = opened["Train MeshNet"], opened["Evaluate MeshNet"]
+    assert Path(download._folder.value) == home / "arc"
+    assert Path(train._data.value) == home / "arc" == Path(evaluate._data.value)
+    assert Path(train._out.value) == home / "runs" / "meshnet"
+
+    deep = tmp_path / ("a-long-folder-name-" * 4) / "run-k0" / "best.pt"
+    segment._model.value = CHECKPOINT
+    segment._checkpoint.value = deep
+    shown = shown_text(segment._checkpoint, 220)
+    assert shown.startswith("/") and shown.endswith("run-k0/best.pt") and "…" in shown
+    assert str(deep) in segment._checkpoint.tooltip
+    assert not segment._checkpoint.native.grab().isNull()  # drawn through the elision

@@ -51,6 +51,7 @@ from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.feedback import report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
+from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 
 if TYPE_CHECKING:
     import napari
@@ -138,10 +139,12 @@ class EvaluateWidget(Container):
         self._runs = 0
 
         self._model = ComboBox(label="Model", choices=[*registry.names("model"), CHECKPOINTS])
-        self._checkpoints = FileEdit(label="Checkpoints", mode="rm", filter="*.pt *.pth",
-                                     tooltip="one checkpoint, or several for an ensemble "
-                                     "(their softmax outputs are averaged)")
-        self._data = FileEdit(label="Data folder", mode="d", value="data/arc")
+        self._checkpoints = elide_path(FileEdit(
+            label="Checkpoints", mode="rm", filter="*.pt *.pth",
+            tooltip="one checkpoint, or several for an ensemble (their softmax outputs are "
+            "averaged)"))
+        self._data = elide_path(FileEdit(label="Data folder", mode="d",
+                                         value=default_folder("arc")))
         self._outer = SpinBox(label="Outer fold", min=0, max=9, value=0)
         self._part = ComboBox(label="Part", choices=PARTS, value="test")
         self._inner = SpinBox(label="Inner fold", min=0, max=9, value=0, enabled=False)

@@ -51,8 +51,7 @@ class _ElideWhenIdle(QObject):
                                    painter, edit)
         area = edit.style().subElementRect(QStyle.SubElement.SE_LineEditContents, option,
                                            edit).adjusted(3, 0, -3, 0)
-        text = edit.fontMetrics().elidedText(edit.text(), Qt.TextElideMode.ElideMiddle,
-                                             area.width())
+        text = _elided(edit, area.width())
         painter.setPen(edit.palette().color(edit.foregroundRole()))
         painter.drawText(area, int(Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignLeft),
                          text)
@@ -70,17 +69,21 @@ def elide_path(field: FileEdit, *, min_chars: int = 12) -> FileEdit:
     edit.installEventFilter(_ELIDER)
     edit.setMinimumWidth(edit.fontMetrics().averageCharWidth() * min_chars)
 
+    about = field.tooltip  # what the field is for, kept above the path
+
     def show_tooltip(*_):
-        text = edit.text()
-        field.tooltip = text.replace(", ", "\n") if text else None
+        paths = edit.text().replace(", ", "\n")  # several files: one a line
+        field.tooltip = "\n".join(t for t in (about, paths) if t) or None
 
     field.changed.connect(show_tooltip)
     show_tooltip()
     return field
 
 
-def shown_text(field: FileEdit, width: int | None = None) -> str:
-    """The text the field draws when idle, at ``width`` pixels (default: its own)."""
-    edit: QLineEdit = field.line_edit.native
-    width = (width or edit.width()) - 10
+def shown_text(field: FileEdit, width: int) -> str:
+    """The text ``field`` draws when it is not being edited, ``width`` pixels wide."""
+    return _elided(field.line_edit.native, width)
+
+
+def _elided(edit: QLineEdit, width: int) -> str:
     return edit.fontMetrics().elidedText(edit.text(), Qt.TextElideMode.ElideMiddle, width)

@@ -33,6 +33,7 @@ from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.widgets.feedback import report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
+from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 from napari_meshchop.plugin.widgets.segment import offer_checkpoint
 from napari_meshchop.studies import engine, hpo
 from napari_meshchop.training import loop as train
@@ -91,7 +92,8 @@ class TrainWidget(Container):
         self._stop = threading.Event()
         self.result: train.TrainResult | None = None
         d = train.TrainConfig()
-        self._data = FileEdit(label="Data folder", mode="d", value="data/arc")
+        self._data = elide_path(FileEdit(label="Data folder", mode="d",
+                                         value=default_folder("arc")))
         self._outer = SpinBox(label="Outer fold", min=0, max=9, value=0)
         self._inner = SpinBox(label="Inner fold", min=0, max=9, value=0)
         self._full = CheckBox(text="Train on the full outer fold (no validation)")
@@ -99,7 +101,8 @@ class TrainWidget(Container):
                                  tooltip="channels per block: 5, 16, 26 or any")
         self._epochs = SpinBox(label="Epochs", min=1, max=10_000, value=d.epochs)
         self._device = ComboBox(label="Device", choices=available_devices())
-        self._out = FileEdit(label="Run folder", mode="d", value="runs/meshnet")
+        self._out = elide_path(FileEdit(label="Run folder", mode="d",
+                                        value=default_folder("runs", "meshnet")))
         self._resume = CheckBox(text="Resume the run in this folder")
         self._advanced = CheckBox(text="Advanced")
         self._lr = FloatSpinBox(label="Learning rate", min=1e-6, max=1.0, step=1e-4,
