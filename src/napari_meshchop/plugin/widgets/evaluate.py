@@ -178,7 +178,7 @@ class EvaluateWidget(Container):
         for widget in (self.table, self._summary.native, self._export.native):
             column.addWidget(widget)
         self.native.layout().addWidget(results)
-        fit_dock(self)
+        fit_dock(self, grow=results)
 
         self._model.changed.connect(self._on_model)
         self._part.changed.connect(lambda v: setattr(self._inner, "enabled", v == "val"))

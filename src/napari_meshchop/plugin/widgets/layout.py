@@ -29,13 +29,19 @@ MIN_HEIGHT = 120  # what a dock keeps of a widget: a few rows, then it scrolls
 SIBLING = "napari_meshchop_widget"  # a Qt property that marks our widgets
 
 
-def fit_dock(container: Container) -> QScrollArea:
+def fit_dock(container: Container, grow: QWidget | None = None) -> QScrollArea:
     """Put ``container``'s contents (its layout, with every child) into a vertical scroll
     area that fills the container (later additions land inside too), and make it a tab of
-    the MeshChop widget docked beside it, if any."""
+    the MeshChop widget docked beside it, if any. Spare height goes to ``grow`` (a plot, a
+    table), or else below the contents."""
     outer = container.native
+    layout = outer.layout()
+    if grow is not None:
+        layout.setStretchFactor(grow, 1)
+    else:
+        layout.addStretch(1)
     inner = QWidget()
-    inner.setLayout(outer.layout())  # Qt moves a layout, children and all, to its new widget
+    inner.setLayout(layout)  # Qt moves a layout, children and all, to its new widget
     area = QScrollArea()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)

@@ -68,6 +68,9 @@ def elide_path(field: FileEdit, *, min_chars: int = 12) -> FileEdit:
     edit: QLineEdit = field.line_edit.native
     edit.installEventFilter(_ELIDER)
     edit.setMinimumWidth(edit.fontMetrics().averageCharWidth() * min_chars)
+    button = field.choose_btn  # "Choose directory" would take half the row from the path
+    button.tooltip, button.text = button.text, "…"
+    button.native.setMaximumWidth(button.native.fontMetrics().horizontalAdvance(" … ") + 16)
 
     about = field.tooltip  # what the field is for, kept above the path
 

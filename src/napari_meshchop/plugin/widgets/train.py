@@ -44,23 +44,49 @@ if TYPE_CHECKING:
 
 
 class LossPlot:
-    """Training loss per step and validation Dice per epoch, in a matplotlib canvas."""
+    """Training loss per step and validation Dice per epoch, in a matplotlib canvas drawn
+    in the napari theme's colours, with whole-number steps."""
 
-    def __init__(self):
+    MIN_SIZE = (240, 200)  # pixels: room for the axes' labels, so the layout always fits
+
+    def __init__(self, theme: str = "dark"):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
-        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.figure = Figure(figsize=(4, 2.6), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumSize(*self.MIN_SIZE)
         self.loss_axes = self.figure.add_subplot(111)
         self.dice_axes = self.loss_axes.twinx()
         self.loss_axes.set_xlabel("step")
         self.loss_axes.set_ylabel("loss")
         self.dice_axes.set_ylabel("val Dice")
         self.dice_axes.set_ylim(0, 1)
-        (self.loss_line,) = self.loss_axes.plot([], [], lw=1, color="tab:blue")
-        (self.dice_line,) = self.dice_axes.plot([], [], "o-", color="tab:orange")
+        self.loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        (self.loss_line,) = self.loss_axes.plot([], [], lw=1)
+        (self.dice_line,) = self.dice_axes.plot([], [], "o-", ms=5, lw=1.5, zorder=3)
+        self.apply_theme(theme)
         self.clear()
+
+    def apply_theme(self, name: str) -> None:
+        """Colours from napari's theme ``name``: its background, text and accents."""
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(name)
+        background, text = theme.background.as_hex(), theme.text.as_hex()
+        self.figure.set_facecolor(background)
+        self.loss_axes.set_facecolor(background)
+        self.loss_line.set_color(theme.icon.as_hex())
+        self.dice_line.set_color(theme.warning.as_hex())
+        for axes in (self.loss_axes, self.dice_axes):
+            axes.tick_params(colors=text, which="both")
+            axes.xaxis.label.set_color(text)
+            for spine in axes.spines.values():
+                spine.set_color(theme.secondary.as_hex())
+        self.loss_axes.yaxis.label.set_color(theme.icon.as_hex())
+        self.dice_axes.yaxis.label.set_color(theme.warning.as_hex())
+        self.canvas.draw_idle()
 
     def clear(self) -> None:
         self.steps, self.losses, self.epoch_steps, self.dices = [], [], [], []
@@ -81,6 +107,8 @@ class LossPlot:
         self.dice_line.set_data(self.epoch_steps, self.dices)
         self.loss_axes.relim()
         self.loss_axes.autoscale_view()
+        if self.steps:  # the Dice points at the last step stay inside the axes
+            self.loss_axes.set_xlim(0, max(self.steps[-1], 1) * 1.04)
         self.canvas.draw_idle()
 
 
@@ -126,7 +154,8 @@ class TrainWidget(Container):
         self._epoch_bar = ProgressBar(label="Epochs", min=0, max=1, value=0)
         self._step_bar = ProgressBar(label="Steps", min=0, max=1, value=0)
         self._status = Label(value="")
-        self.plot = LossPlot()
+        self.plot = LossPlot(viewer.theme)
+        viewer.events.theme.connect(lambda event: self.plot.apply_theme(event.value))
         self.extend([inputs, self._full, self._resume, self._advanced, advanced, self._start,
                      Container(widgets=[self._epoch_bar, self._step_bar], labels=True),
                      self._status])
@@ -135,7 +164,7 @@ class TrainWidget(Container):
         self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
         self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
         self.extend([self._search_box, self.search])
-        fit_dock(self)
+        fit_dock(self, grow=self.plot.canvas)
         self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._start.clicked.connect(self.toggle)
