@@ -29,14 +29,16 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from napari_meshchop.errors import MeshchopError
+from napari_meshchop.evaluation.evaluate import fold_ids
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network.inference import available_devices
-from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 from napari_meshchop.plugin.widgets.segment import offer_checkpoint
 from napari_meshchop.studies import engine, hpo
 from napari_meshchop.training import loop as train
+from napari_meshchop.training import probe
 
 if TYPE_CHECKING:
     import napari
@@ -168,6 +170,7 @@ class TrainWidget(Container):
         self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._start.clicked.connect(self.toggle)
+        self._add_time_estimate()
 
     def config(self) -> train.TrainConfig:
         shape = (self._shape.value,) * 3 if self._preprocess.value == "ras-minmax" else None
@@ -180,6 +183,89 @@ class TrainWidget(Container):
             data_dir=str(self._data.value), outer_fold=self._outer.value,
             inner_fold=None if self._full.value else self._inner.value,
             full_outer=self._full.value)
+
+    # ------------------------------------------------------------ time estimate, presets
+
+    def _add_time_estimate(self) -> None:
+        """A line above Start with the time an epoch takes here (a one-step probe, run by
+        Estimate), and the two one-click recipes: CPU-sized crops, or the paper's."""
+        self.prober = None
+        self._estimate = Label(value="Estimate: times one training step on this machine "
+                               "and tells how long an epoch takes.")
+        self._estimate.native.setWordWrap(True)
+        self._probe = PushButton(text="Estimate")
+        self._cpu_sized = PushButton(text="CPU-sized settings",
+                                     tooltip=f"the paper's recipe on random {probe.CPU_CROP}^3 "
+                                     "crops: about 64 times less work a step")
+        self._paper = PushButton(text="Paper's recipe",
+                                 tooltip="MeshNet-26 on whole 256^3 volumes, 50 epochs")
+        row = Container(widgets=[self._probe, self._cpu_sized, self._paper],
+                        layout="horizontal", labels=False)
+        row.margins = (0, 0, 0, 0)
+        at = self.index(self._start)
+        self.insert(at, self._estimate)
+        self.insert(at, row)
+        self._probe.clicked.connect(self.estimate_time)
+        self._cpu_sized.clicked.connect(lambda: self.apply_recipe(probe.cpu_sized(self.config())))
+        self._paper.clicked.connect(lambda: self.apply_recipe(probe.paper_recipe(self.config())))
+
+    def apply_recipe(self, config: train.TrainConfig) -> None:
+        """Show ``config``'s recipe in the fields (a preset); the estimate is redone."""
+        self._channels.value, self._epochs.value = config.channels, config.epochs
+        self._lr.value, self._weight_decay.value = config.lr, config.weight_decay
+        self._smoothing.value = config.label_smoothing
+        self._crop.value = config.crop or 0
+        self._checkpointing.value = config.activation_checkpointing
+        what = f"random {config.crop}^3 crops" if config.crop else "whole volumes"
+        self._estimate.value = f"Training on {what} (see Advanced). Press Estimate."
+
+    def estimate_time(self) -> None:
+        """Time one step in a worker (seconds); the line then says what an epoch takes."""
+        if self.prober is not None or self.worker is not None:
+            return
+        try:
+            config = self.config()
+            subjects = self._fold_sizes(config)
+        except (MeshchopError, ValueError) as exc:
+            show_error(str(exc))
+            return
+        self._estimate.value = "Timing one training step..."
+        self._probe.enabled = False
+        self.prober = create_worker(
+            probe.estimate, config, _start_thread=False,
+            _connect={"returned": lambda found: self._show_estimate(found, config, subjects),
+                      "errored": lambda exc: report_error(self._estimate, "Estimate", exc),
+                      "finished": self._on_probed})
+        self.prober.start()
+
+    def _fold_sizes(self, config: train.TrainConfig) -> tuple[int, int] | None:
+        """Training and validation subjects of the chosen fold, when the data is there."""
+        if cohort_problem(config.data_dir):
+            return None
+        inner = None if config.full_outer else config.inner_fold
+        n_train = len(fold_ids(config.data_dir, config.outer_fold, "train", inner))
+        n_val = len(fold_ids(config.data_dir, config.outer_fold, "val", inner)) \
+            if inner is not None else 0
+        return n_train, n_val
+
+    def _show_estimate(self, found: probe.Estimate, config: train.TrainConfig,
+                       subjects: tuple[int, int] | None) -> None:
+        edge = "x".join(str(s) for s in found.step_shape)
+        step = f"{probe.duration(found.step_seconds)} a step on {edge} voxels"
+        if subjects is None:
+            self._estimate.value = (f"About {step} on {found.device}, "
+                                    f"{probe.duration(found.validation_seconds)} to validate "
+                                    "a subject (choose a downloaded cohort for the epoch).")
+            return
+        epoch = found.epoch_seconds(*subjects)
+        self._estimate.value = (
+            f"About {probe.duration(epoch)} an epoch on {found.device} ({subjects[0]} steps, "
+            f"{step}; {subjects[1]} validation subjects); {config.epochs} epochs: "
+            f"{probe.duration(epoch * config.epochs)}.")
+
+    def _on_probed(self) -> None:
+        self.prober = None
+        self._probe.enabled = True
 
     def toggle(self) -> None:
         """Start, or, while running, Stop (after the current step, leaving a checkpoint)."""
@@ -196,6 +282,10 @@ class TrainWidget(Container):
             config = self.config()
         except (MeshchopError, ValueError) as exc:
             show_error(str(exc))
+            return
+        if not self._resume.value and (problem := cohort_problem(config.data_dir)):
+            self._status.value = problem
+            show_error(problem)
             return
         self._stop = threading.Event()
         self.result = None
