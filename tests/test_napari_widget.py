@@ -99,6 +99,8 @@ def test_each_run_is_a_new_layer_named_by_scan_and_model_and_saves_on_the_source
     labels = viewer.layers["scan_lesion_tiny"]
     _assert_overlays(labels, image)
     assert set(np.unique(labels.data)) <= {0, 1}
+    # In 3D: a see-through scan with the lesion drawn inside it, in front of the brain.
+    assert image.rendering == "attenuated_mip" and labels.blending == "translucent_no_depth"
     assert "mL" in widget._result.value and "tiny.pt on cpu" in widget._result.value
     assert set(seen) >= {"load", "preprocess", "network", "map back"}
     assert widget._time.value.startswith("Took ")

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 
 from magicgui.widgets import Container
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QDockWidget,
     QFrame,
@@ -42,19 +42,39 @@ def fit_dock(container: Container, grow: QWidget | None = None) -> QScrollArea:
         layout.addStretch(1)
     inner = QWidget()
     inner.setLayout(layout)  # Qt moves a layout, children and all, to its new widget
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.Shape.NoFrame)
+    area = _VerticalScroll()
     area.setWidget(inner)
-    area.setMinimumHeight(MIN_HEIGHT)
-    # As wide as the contents want: never a horizontal scroll bar inside a dock.
-    area.setMinimumWidth(inner.minimumSizeHint().width()
-                         + area.verticalScrollBar().sizeHint().width())
     column = QVBoxLayout(outer)
     column.setContentsMargins(0, 0, 0, 0)
     column.addWidget(area)
     tab_with_siblings(container)
     return area
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls up and down only: as wide as its contents need (whatever they show now),
+    as short as :data:`MIN_HEIGHT`."""
+
+    def __init__(self):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def _width(self, contents: QSize) -> int:
+        return contents.width() + self.verticalScrollBar().sizeHint().width()
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(self._width(self.widget().minimumSizeHint()), MIN_HEIGHT)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        hint = self.widget().sizeHint()
+        return QSize(self._width(hint), hint.height())
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the contents changed what they need: tell the dock
+        return super().eventFilter(watched, event)
 
 
 def tab_with_siblings(container: Container) -> None:

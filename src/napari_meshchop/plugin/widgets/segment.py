@@ -447,7 +447,7 @@ def show_lesion_in_3d(image: Image, lesion: Labels) -> None:
     """In 3D, the scan as a see-through volume and the lesion drawn inside it, visible
     through the brain; 2D views are unchanged."""
     image.rendering = "attenuated_mip"
-    image.attenuation = 0.15
+    image.attenuation = 0.03
     lesion.blending = "translucent_no_depth"
 
 
