@@ -16,8 +16,6 @@ import torch
 
 from napari_meshchop.errors import Cancelled
 from napari_meshchop.events import Progress
-from napari_meshchop.imaging.preprocess import PreprocessSpec
-from napari_meshchop.network import checkpoint
 from napari_meshchop.network.inference import FusedMeshNet
 from napari_meshchop.network.model import Architecture, MeshNet
 from napari_meshchop.plugin.widgets.feedback import Timer, clock
@@ -29,12 +27,9 @@ def _isolated(isolated_settings):
     """QSettings in tmp_path (conftest)."""
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = MeshNet(Architecture(channels=2))
-    ck = checkpoint.from_model(model.eval(), PreprocessSpec(name="ras-minmax", shape=(32,) * 3))
-    return ck.save(tmp_path_factory.mktemp("model") / "tiny.pt")
+@pytest.fixture
+def tiny_model(tiny_checkpoint) -> Path:
+    return tiny_checkpoint  # conftest's small untrained MeshNet
 
 
 def _scan(tmp_path, name="scan") -> Path:
@@ -169,3 +164,31 @@ def test_paths_show_both_ends_and_start_under_the_users_data_folder(
     assert shown.startswith("/") and shown.endswith("run-k0/best.pt") and "…" in shown
     assert str(deep) in segment._checkpoint.tooltip
     assert not segment._checkpoint.native.grab().isNull()  # drawn through the elision
+
+
+def test_file_menu_saves_the_selected_lesion_as_nifti(make_napari_viewer, tmp_path,
+                                                      monkeypatch):
+    """File > IO Utilities > Save lesion as NIfTI...: NIfTI on the scan's grid, whatever
+    type napari's own Save dialog would preselect."""
+    from napari._app_model import get_app_model
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    path = _scan(tmp_path)
+    (scan,) = viewer.open(str(path), plugin="napari-meshchop")
+    lesion = viewer.add_labels((np.asarray(scan.data) > 50).astype(np.uint8),
+                               name="scan_lesion_x", metadata=dict(scan.metadata),
+                               scale=scan.scale, translate=scan.translate)
+    asked = []
+
+    def answer(parent, caption, start, kinds):
+        asked.append(start)
+        return str(tmp_path / "out"), kinds  # a bare name, as a user might type
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(answer))
+    viewer.layers.selection.active = lesion
+    get_app_model().commands.execute_command("napari-meshchop.save_nifti").result()
+    assert asked == [str(tmp_path / "scan_lesion_x.nii.gz")]
+    written = nib.load(tmp_path / "out.nii.gz")
+    assert np.array_equal(written.affine, nib.load(path).affine)
+    assert int(np.asarray(written.dataobj).sum()) == int(lesion.data.sum())

@@ -16,7 +16,7 @@ import torch
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network import checkpoint
 from napari_meshchop.network.model import Architecture, MeshNet
-from napari_meshchop.plugin import layers
+from napari_meshchop.plugin import layers, save
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.segment import CHECKPOINT, SegmentWidget
 
@@ -122,8 +122,11 @@ def test_each_run_is_a_new_layer_named_by_scan_and_model_and_saves_on_the_source
     mask, src = nib.load(out), nib.load(path)
     assert mask.shape == src.shape and np.array_equal(mask.affine, src.affine)
     assert int(np.asarray(mask.dataobj).sum()) == int(labels.data.sum())
-    # The widget's Save button proposes <scan folder>/<layer name>.nii.gz.
-    assert widget.save_path(viewer.layers[-1]) == tmp_path / "scan_lesion_tiny_2.nii.gz"
+    # The widget's Save button proposes <scan folder>/<layer name>.nii.gz, and a bare name
+    # still gives NIfTI on the scan's grid.
+    assert save.proposed_path(viewer.layers[-1]) == tmp_path / "scan_lesion_tiny_2.nii.gz"
+    assert widget.save(widget.last, tmp_path / "bare") == [str(tmp_path / "bare.nii.gz")]
+    assert np.array_equal(nib.load(tmp_path / "bare.nii.gz").affine, src.affine)
 
 
 def test_same_mask_from_our_reader_a_plain_array_and_a_napari_nifti_layer(

@@ -41,11 +41,11 @@ from napari_meshchop.errors import Cancelled, MeshchopError
 from napari_meshchop.events import Progress, check_stop
 from napari_meshchop.network import registry
 from napari_meshchop.network.inference import SegmentResult, available_devices, segment
-from napari_meshchop.plugin import layers
+from napari_meshchop.plugin import layers, save
 from napari_meshchop.plugin.reader import prefer_for_nifti
 from napari_meshchop.plugin.widgets.feedback import ActivityBar, Timer, clock, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock, when_closed
-from napari_meshchop.plugin.widgets.paths import data_home, elide_path
+from napari_meshchop.plugin.widgets.paths import elide_path
 
 CHECKPOINT = "checkpoint file..."
 ENSEMBLE = "ensemble of checkpoints..."  # the mean of several models' lesion probabilities
@@ -369,29 +369,21 @@ class SegmentWidget(Container):
 
     # ----------------------------------------------------------------- saving
 
-    def save_path(self, layer: Labels) -> Path:
-        """Where the Save button proposes to write: beside the scan when it came from a
-        file, else in the user's data folder; named after the layer."""
-        scan = layer.metadata.get("path")
-        folder = Path(scan).parent if scan else data_home() / "lesions"
-        return folder / f"{layer.name}.nii.gz"
-
     def _ask_save(self) -> None:
         layer = self.last
         if layer is None or layer not in self._viewer.layers:
             show_error("the lesion layer is gone; run the segmentation again")
             self._save.enabled = False
             return
-        proposed = self.save_path(layer)
         path, _ = QFileDialog.getSaveFileName(self.native, "Save lesion as NIfTI",
-                                              str(proposed), "NIfTI (*.nii.gz *.nii)")
+                                              str(save.proposed_path(layer)), save.FILTER)
         if path:
             self.save(layer, path)
 
     def save(self, layer: Labels, path: str | Path) -> list[str]:
         """Write ``layer`` through napari's own save path with this plugin's NIfTI writer:
         on the scan's voxel grid, affine and header codes; ``.nii.gz`` added when missing."""
-        written = napari.save_layers(str(path), [layer], plugin="napari-meshchop")
+        written = save.save_labels(layer, path)
         if written:
             self._status.value = f"Saved {written[0]}"
         return written
