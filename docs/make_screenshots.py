@@ -2,11 +2,13 @@
 
     MESHCHOP_MIRROR=../shared/data python docs/make_screenshots.py [--mask MASK.nii.gz]
 
-Opens the sample and the widget through the plugin's manifest, runs the pretrained
-MeshNet-26 (about 2 minutes on 2 CPU cores), then saves the whole window in 2D (the axial
-slice through the lesion's centre) and in 3D to docs/images/napari_2d.png and
-napari_3d.png. ``--mask`` shows a saved mask instead of running the network. Without a
-display the script re-runs itself under ``xvfb-run``.
+Opens the sample and all four widgets through the plugin's manifest in a 1600 x 1000
+window (they share one tabbed dock), runs the pretrained MeshNet-26 from the Segment
+widget (about 2 minutes on 2 CPU cores), then saves the whole window in 2D (the axial
+slice through the lesion's centre) and in 3D (the plugin's default 3D look: a see-through
+scan with the lesion inside) to docs/images/napari_2d.png and napari_3d.png. ``--mask``
+shows a saved mask instead of running the network. Without a display the script re-runs
+itself under ``xvfb-run``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 from pathlib import Path
 
 IMAGES = Path(__file__).resolve().parent / "images"
-SIZE = (1500, 900)
+SIZE = (1600, 1000)
+WIDGETS = ("Segment stroke lesion", "Download ARC cohort", "Train MeshNet", "Evaluate MeshNet")
 
 
 def main() -> int:
@@ -40,21 +43,34 @@ def shoot(out: Path, mask: str | None) -> None:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
+    from napari_meshchop.network import registry
+    from napari_meshchop.plugin.reader import prefer_for_nifti, read_layer
+    from napari_meshchop.plugin.widgets import segment
+
+    prefer_for_nifti()  # its one-time notice goes to the console, not over the picture
     viewer = napari.Viewer(title="napari-meshchop")
     viewer.window._qt_window.resize(*SIZE)
     (image,) = viewer.open_sample("napari-meshchop", "sub-M2265_T2w")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop")
+    docked = {name: viewer.window.add_plugin_dock_widget("napari-meshchop", name)[1]
+              for name in WIDGETS}
+    widget = docked["Segment stroke lesion"]
+    _settle()
+    widget.native.parent().raise_()  # the Segment tab in front
     if mask:
-        (lesion,) = viewer.open(mask, plugin="napari-meshchop", name=f"{image.name} lesion")
-        lesion.colormap = {None: "transparent", 0: "transparent", 1: (1.0, 0.3, 0.1, 1.0)}
+        data = read_layer(mask)[0]
+        lesion = viewer.add_labels(
+            data, name=segment.lesion_layer_name(image.name, registry.DEFAULT_MODEL, ()),
+            opacity=0.6, colormap=segment._lesion_colors(),
+            **segment.Source.of(image).transform)
+        segment.show_lesion_in_3d(image, lesion)
     else:
         started = time.time()
         widget.run()
         while widget.worker is not None:  # keep the GUI alive, as napari's own loop would
             QApplication.processEvents()
             time.sleep(0.05)
-        lesion = viewer.layers[f"{image.name} lesion"]
-        print(f"segmented in {time.time() - started:.0f} s: "
+        lesion = widget.last
+        print(f"segmented in {time.time() - started:.0f} s: {lesion.name}, "
               f"{lesion.metadata['lesion_ml']:.1f} mL, {int(lesion.data.sum())} voxels")
 
     # 2D: the axial slice through the lesion's centre (world axis 0 runs head to foot).
@@ -71,13 +87,8 @@ def shoot(out: Path, mask: str | None) -> None:
     viewer.reset_view()
     _save(viewer, out / "napari_2d.png")
 
-    # 3D: the axial plane through the lesion's centre and the lesion as a surface,
-    # seen from above, in front and to the patient's left.
+    # 3D as the plugin sets it up: nothing adjusted here but the camera.
     viewer.dims.ndisplay = 3
-    image.depiction = "plane"
-    image.plane.position = tuple(inside)
-    image.plane.normal = (1, 0, 0)
-    image.blending = "translucent"  # depth-tested: the plane hides the lesion below it
     axes = overlays.axes if overlays else viewer.axes
     axes.visible = True
     # World axes run (inferior, posterior, left): look down, back and to the right.
@@ -87,12 +98,16 @@ def shoot(out: Path, mask: str | None) -> None:
     viewer.close()
 
 
-def _save(viewer, path: Path) -> None:
+def _settle() -> None:
     from qtpy.QtWidgets import QApplication
 
-    for _ in range(10):  # let vispy draw before grabbing the window
+    for _ in range(10):  # let Qt lay out and vispy draw
         QApplication.processEvents()
         time.sleep(0.05)
+
+
+def _save(viewer, path: Path) -> None:
+    _settle()
     path.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(path), canvas_only=False)
     print(f"wrote {path}")

@@ -53,6 +53,17 @@ def isolated_settings(tmp_path):
     QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def _napari_settings(tmp_path, monkeypatch):
+    """napari's settings (the plugin adds reader preferences) in tmp_path, not the user's."""
+    try:
+        from napari import settings
+    except ImportError:
+        return
+    monkeypatch.setattr(settings, "_SETTINGS",
+                        settings.NapariSettings(config_path=tmp_path / "napari.yaml"))
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The real scan and checkpoint in ../shared/data (see its README)."""

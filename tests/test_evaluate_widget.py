@@ -134,19 +134,36 @@ def test_table_sorts_summarises_exports_and_shows_aligned_layers(
         assert float(r["mcc"]) == core[r["subject"]].scores["mcc"]
         assert Path(r["prediction"]).is_file()
 
+    # The main scores fit the dock's width: no sideways scrolling; the rest on demand.
+    assert widget.shown_columns() == ["Subject", "Dice", "Macro Dice", "AVD", "MCC"]
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.show()
+    qtbot.wait(100)
+    assert widget.table.horizontalScrollBar().maximum() == 0
+    widget.show_column("Acquisition")
+    assert "Acquisition" in widget.shown_columns()
+
     # Selecting a row opens the scan, the truth and the prediction, aligned; another row
-    # replaces them (one subject is stored in PSR voxel order, the other in RAS).
+    # replaces them (one subject is stored in PSR voxel order, the other in RAS); the view
+    # fits that subject, whatever else is open.
+    elsewhere = viewer.add_image(np.zeros((10, 10, 10)), name="elsewhere", scale=(30, 30, 30),
+                                 translate=(500, 500, 500))
     for row in (0, 1):
         widget.table.selectRow(row)
         subject = cell(widget, row, "subject")
         qtbot.waitUntil(lambda s=subject: [lay.name for lay in viewer.layers] == [
-            f"{s} scan", f"{s} prediction", f"{s} truth"], timeout=30_000)
-        assert_aligned(viewer, core[subject])
+            "elsewhere", f"{s} scan", f"{s} prediction", f"{s} truth"], timeout=30_000)
+        assert_aligned(viewer, core[subject], viewer.layers[1:])
         assert subject in widget._status.value
+        scan = viewer.layers[f"{subject} scan"]
+        middle = scan.extent.world.mean(axis=0)[list(viewer.dims.displayed)]
+        camera = getattr(viewer, "scene", viewer).camera  # napari 0.9 moved it
+        np.testing.assert_allclose(camera.center[-2:], middle, atol=2)
+    viewer.layers.remove(elsewhere)
 
 
-def assert_aligned(viewer, record):
-    scan, prediction, truth = viewer.layers
+def assert_aligned(viewer, record, shown=None):
+    scan, prediction, truth = viewer.layers if shown is None else shown
     assert isinstance(scan, Image) and isinstance(truth, Labels)
     assert isinstance(prediction, Labels)
     assert truth.colormap.map(1).tolist() != prediction.colormap.map(1).tolist()
@@ -259,6 +276,8 @@ def test_refuses_bad_inputs_and_remembers_settings(make_napari_viewer, data, les
     widget._data.value = tmp_path
     widget.toggle()
     assert widget.worker is None and "manifest.json" in widget._status.value
+    assert "Download ARC cohort" in widget._status.value  # what to do, in napari
+    assert "meshchop " not in widget._status.value  # ... not a command to type
     widget._data.value = data
     widget._outer.value = 5
     widget.toggle()

@@ -200,3 +200,43 @@ def test_sample_is_verified_like_the_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("MESHCHOP_MIRROR", str(tmp_path))
     with pytest.raises(InputError, match="sha256"):
         arc_stroke_t2w()
+
+
+def test_a_plain_open_of_nifti_uses_our_reader_and_no_other_gz(make_napari_viewer, tmp_path):
+    """File > Open and ``napari scan.nii.gz`` pass no plugin: napari goes by its reader
+    preferences. Once the plugin has run (here its widget opens), .nii and .nii.gz are ours;
+    other .gz files are not, and a user's own choice for NIfTI stays."""
+    from napari.errors import MultipleReaderError
+    from napari.plugins.utils import get_preferred_reader
+
+    viewer = make_napari_viewer()
+    path = _scan(tmp_path, "LIA")
+    with pytest.raises(MultipleReaderError):  # napari's, ours (and napari-nifti's)
+        viewer.open(str(path), plugin=None)
+    viewer.window.add_plugin_dock_widget("napari-meshchop", "Segment stroke lesion")
+
+    (layer,) = viewer.open(str(path), plugin=None)
+    assert np.array_equal(layer.metadata["affine"], nib.load(path).affine)  # our reader
+    viewer.window._qt_viewer._qt_open([str(path)], stack=False)  # File > Open's code path
+    assert viewer.layers[-1].source.reader_plugin == "napari-meshchop"
+    nii = tmp_path / "plain.nii"
+    nib.save(nib.load(path), nii)
+    assert viewer.open(str(nii), plugin=None)[0].source.reader_plugin == "napari-meshchop"
+    for other in ("table.csv.gz", "archive.tar.gz", "brain.mgz"):
+        assert get_preferred_reader(tmp_path / other) is None
+
+
+def test_reader_preferences_keep_the_users_choice_and_narrow_a_gz_one(tmp_path):
+    from napari.plugins.utils import get_preferred_reader
+    from napari.settings import get_settings
+
+    from napari_meshchop.plugin.reader import prefer_for_nifti
+
+    plugins = get_settings().plugins
+    # What napari's "remember for .gz files" stores, and a user's own pick for .nii.
+    plugins.extension2reader = {"*.gz": "napari-meshchop", "*.nii": "napari-nifti"}
+    assert prefer_for_nifti()
+    assert plugins.extension2reader == {"*.nii": "napari-nifti", "*.nii.gz": "napari-meshchop"}
+    assert get_preferred_reader(tmp_path / "x.tar.gz") is None
+    assert get_preferred_reader(tmp_path / "x.nii.gz") == "napari-meshchop"
+    assert not prefer_for_nifti()  # settled: nothing changes, nobody is told again

@@ -19,7 +19,7 @@ from conftest import SHARED_DATA, require_module
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.network import checkpoint
 from napari_meshchop.network.model import Architecture, MeshNet
-from napari_meshchop.plugin import layers
+from napari_meshchop.plugin import layers, save
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.segment import CHECKPOINT, SegmentWidget
 
@@ -85,10 +85,8 @@ def _assert_overlays(labels, image):
     assert labels.units == image.units
 
 
-def test_segment_replaces_its_layer_and_saves_on_the_source_grid(
+def test_each_run_is_a_new_layer_named_by_scan_and_model_and_saves_on_the_source_grid(
         make_napari_viewer, qtbot, tiny_model, tmp_path):
-    import napari
-
     viewer = make_napari_viewer()
     path = _scan_file(tmp_path)
     (image,) = viewer.open(str(path), plugin="napari-meshchop")
@@ -97,27 +95,40 @@ def test_segment_replaces_its_layer_and_saves_on_the_source_grid(
     assert widget._device.choices[:2] == ("auto", "cpu")
     assert "36 x 30 x 40 voxels of 0.9 x 1 x 1.2 mm" in widget._geometry.value
     seen, show_progress = [], widget._on_progress
-    widget._on_progress = lambda event: (show_progress(event), seen.append(widget._status.value))
+    widget._on_progress = lambda event: (seen.append(event.stage), show_progress(event))
 
     _run(qtbot, widget)
-    labels = viewer.layers["scan lesion"]
+    labels = viewer.layers["scan_lesion_tiny"]
     _assert_overlays(labels, image)
     assert set(np.unique(labels.data)) <= {0, 1}
+    # In 3D: a see-through scan with the lesion drawn inside it, in front of the brain.
+    assert image.rendering == "attenuated_mip" and labels.blending == "translucent_no_depth"
     assert "mL" in widget._result.value and "tiny.pt on cpu" in widget._result.value
-    assert {s.split(":")[0] for s in seen} >= {"load", "preprocess", "network", "map back"}
+    assert set(seen) >= {"load", "preprocess", "network", "map back"}
+    assert widget._time.value.startswith("Took ")
     assert labels.metadata["lesion_ml"] == pytest.approx(
         labels.data.sum() * 1.2 * 0.9 / 1000, rel=1e-6)
 
-    labels.opacity = 0.3  # a user's tweak survives a second run
-    _run(qtbot, widget)
-    assert [layer.name for layer in viewer.layers] == ["scan", "scan lesion"]
-    assert viewer.layers["scan lesion"] is labels and labels.opacity == 0.3
+    labels.opacity = 0.3
+    _run(qtbot, widget)  # a second run never touches the first result
+    assert [layer.name for layer in viewer.layers] == ["scan", "scan_lesion_tiny",
+                                                       "scan_lesion_tiny_2"]
+    assert viewer.layers["scan_lesion_tiny"] is labels and labels.opacity == 0.3
+    assert np.array_equal(viewer.layers["scan_lesion_tiny_2"].data, labels.data)
 
+    # napari's own save path (File > Save Selected Layers with our file type). The plugin
+    # is named: with napari-nifti installed, its writer would take .nii.gz first.
     out = tmp_path / "mask.nii.gz"
-    napari.save_layers(str(out), [labels], plugin="napari-meshchop")
+    viewer.layers.selection = {labels}
+    assert viewer.layers.save(str(out), selected=True, plugin="napari-meshchop") == [str(out)]
     mask, src = nib.load(out), nib.load(path)
     assert mask.shape == src.shape and np.array_equal(mask.affine, src.affine)
     assert int(np.asarray(mask.dataobj).sum()) == int(labels.data.sum())
+    # The widget's Save button proposes <scan folder>/<layer name>.nii.gz, and a bare name
+    # still gives NIfTI on the scan's grid.
+    assert save.proposed_path(viewer.layers[-1]) == tmp_path / "scan_lesion_tiny_2.nii.gz"
+    assert widget.save(widget.last, tmp_path / "bare") == [str(tmp_path / "bare.nii.gz")]
+    assert np.array_equal(nib.load(tmp_path / "bare.nii.gz").affine, src.affine)
 
 
 def test_same_mask_from_our_reader_a_plain_array_and_a_napari_nifti_layer(
@@ -142,7 +153,7 @@ def test_same_mask_from_our_reader_a_plain_array_and_a_napari_nifti_layer(
         else:
             assert "assumed" not in widget._geometry.value
         _run(qtbot, widget)
-        labels = viewer.layers[f"{layer.name} lesion"]
+        labels = viewer.layers[f"{layer.name}_lesion_tiny"]
         _assert_overlays(labels, layer)
         masks[layer.name] = labels.data
     assert masks["scan"].any()
@@ -173,11 +184,12 @@ def test_cancel_leaves_no_layer_and_keeps_the_last_result(
     assert widget._run.enabled and not widget._cancel.enabled
 
     _run(qtbot, widget)
-    before = viewer.layers["scan lesion"].data.copy()
+    before = viewer.layers["scan_lesion_tiny"].data.copy()
     widget.run()
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
-    assert len(viewer.layers) == 2 and np.array_equal(viewer.layers["scan lesion"].data, before)
+    assert len(viewer.layers) == 2
+    assert np.array_equal(viewer.layers["scan_lesion_tiny"].data, before)
 
 
 def test_errors_are_notifications_with_the_core_message(
@@ -220,14 +232,17 @@ def test_settings_persist_between_sessions(make_napari_viewer, qtbot, tiny_model
 def test_image_choices_follow_the_layer_list(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)  # undocked, as a script would use it
-    assert widget._image.value is None and "Open a 3D image" in widget._geometry.value
+    assert widget._image.value is None and "open one (File > Open" in widget._geometry.value
     viewer.add_image(np.zeros((5, 5)), name="flat")
     viewer.add_image(np.zeros((5, 5, 5, 3)), name="rgb", rgb=True)
-    assert widget._image.choices == ()
+    assert widget._image.choices == (None,)
     vol = viewer.add_image(np.zeros((5, 6, 7)), name="vol", scale=(2, 1, 1))
     assert widget._image.value is vol and "2 x 1 x 1 mm" in widget._geometry.value
+    other = viewer.add_image(np.zeros((5, 6, 7)), name="other")
+    assert widget._image.value is vol  # a new scan does not take over the choice
     viewer.layers.remove(vol)
-    assert widget._image.value is None
+    assert widget._image.value is None  # ... nor does another scan when the chosen one goes
+    assert other in widget._image.choices
 
 
 @pytest.mark.slow
@@ -245,7 +260,7 @@ def test_real_scan_real_model_left_hemisphere_lesion(make_napari_viewer, qtbot,
         _run(qtbot, widget, timeout_s=900)
         # The widget fed the network exactly the numbers that `meshchop segment` does.
         assert network_memo.hits(memo) == before + 1
-    labels = viewer.layers["sub-M2265_T2w lesion"]
+    labels = viewer.layers["sub-M2265_T2w_lesion_meshnet26-arc-fold0"]
     _assert_overlays(labels, image)
     voxels = int(labels.data.sum())
     assert voxels == pytest.approx(85034, rel=0.002)  # what `meshchop segment` finds
@@ -278,7 +293,7 @@ def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_p
         widget._image.value = layer
         assert "assumed" not in widget._geometry.value
         _run(qtbot, widget)
-        _assert_overlays(viewer.layers[f"{layer.name} lesion"], layer)
+        _assert_overlays(viewer.layers[f"{layer.name}_lesion_tiny"], layer)
     seen, masks = {}, {}
     for name, layer in (("ours", ours), ("theirs", theirs)):
         geometry = layers.resolve(layer.data.shape, layers.data_to_world(
@@ -286,7 +301,7 @@ def test_beside_a_real_napari_nifti(make_napari_viewer, qtbot, tiny_model, tmp_p
             layer.metadata, [str(u) for u in layer.units])
         seen[name] = nib.as_closest_canonical(layers.to_nifti(layer.data, geometry))
         masks[name] = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(
-            viewer.layers[f"{layer.name} lesion"].data, geometry.affine)).dataobj)
+            viewer.layers[f"{layer.name}_lesion_tiny"].data, geometry.affine)).dataobj)
     # The network gets the same voxels on the same grid (medvol rounds the file's float32
     # affine to ~1e-7 mm, which can tip an untrained model's ~0.5 outputs at a few voxels).
     assert np.allclose(seen["ours"].affine, seen["theirs"].affine, atol=1e-5)
@@ -318,7 +333,7 @@ def test_an_ensemble_of_checkpoints_segments_like_the_core(
 
     widget._ensemble.value = [tiny_model, other_path]
     _run(qtbot, widget)
-    labels = viewer.layers["scan lesion"]
+    labels = viewer.layers["scan_lesion_ensemble-2"]
     _assert_overlays(labels, image)
     assert labels.metadata["model"] == "ensemble of 2 (tiny.pt, other.pt)"
     assert "ensemble of 2" in widget._result.value

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from qtpy.QtCore import QSettings
 
 from napari_meshchop.data import folds
 from napari_meshchop.network import checkpoint as ckpt_io
-from napari_meshchop.plugin.widgets.segment import CHECKPOINT
+from napari_meshchop.plugin.widgets.segment import Offered
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +23,9 @@ def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, da
     _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
     widget._data.value = data
     widget._out.value = tmp_path / "run"
-    widget.settings.fields["channels"].value = 2
-    widget.settings.fields["epochs"].value = 2
-    widget.settings.fields["device"].value = "cpu"
+    widget.field("channels").value = 2
+    widget.field("epochs").value = 2
+    widget.field("device").value = "cpu"
     widget._advanced.value = True
     widget._preprocess.value = "ras-minmax"
     widget._shape.value = 24
@@ -45,9 +48,19 @@ def test_train_widget_runs_plots_stops_and_resumes(make_napari_viewer, qtbot, da
     assert len(widget.plot.dices) == 2 and widget._epoch_bar.value == 2
     assert widget.plot.loss_line.get_xdata()[-1] == result.step
     assert result.best is not None
-    # The checkpoint is offered to the Segment widget.
-    assert segment._model.value == CHECKPOINT
-    assert segment._checkpoint.value == result.checkpoint
+    # The checkpoint is offered to the Segment widget as a labelled choice, not chosen.
+    assert segment._model.value == "meshnet26-arc-fold0"
+    offers = [c for c in segment._model.choices if isinstance(c, Offered)]
+    # the stopped run offered its last.pt, the finished one its best.pt
+    assert [Path(o.path).name for o in offers] == ["last.pt", "best.pt"]
+    offered = offers[-1]
+    assert offered.path == str(result.best)
+    best = max(result.history, key=lambda r: r["val_dice"])
+    assert offered.label == (f"run run, epoch {best['epoch'] + 1} "
+                             f"(best.pt, val Dice {best['val_dice']:.2f})")
+    assert QSettings("napari-meshchop", "segment").value("model", "") == ""  # not remembered
+    segment._model.value = offered
+    assert segment.model_choice() == str(result.best)
 
 
 def test_search_section_lists_trials_stops_and_resumes(make_napari_viewer, qtbot, data,
@@ -56,7 +69,7 @@ def test_search_section_lists_trials_stops_and_resumes(make_napari_viewer, qtbot
     _, widget = viewer.window.add_plugin_dock_widget("napari-meshchop", "Train MeshNet")
     widget._data.value = data
     widget._out.value = tmp_path / "hpo"
-    widget.settings.fields["device"].value = "cpu"
+    widget.field("device").value = "cpu"
     widget._preprocess.value = "ras-minmax"
     widget._shape.value = 16
     widget._search_box.value = True

@@ -84,7 +84,7 @@ class FusedMeshNet:
             x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
             x = x[None, None].to(self.device).contiguous(memory_format=torch.channels_last_3d)
             for i, (weight, bias, d) in enumerate(self.layers):
-                x = _conv_relu_in_slabs(x, weight, bias, d, self.slab)
+                x = _conv_relu_in_slabs(x, weight, bias, d, self.slab, stop)
                 yield Progress("network", i + 1, self.n_steps, f"layer {i + 1}")
                 check_stop(stop)
             logits = F.conv3d(x, *self.head)
@@ -147,16 +147,19 @@ def load_predictor(models, device: torch.device | str = "cpu"
 
 
 def _conv_relu_in_slabs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        d: int, slab: int) -> torch.Tensor:
+                        d: int, slab: int, stop: StopFlag = None) -> torch.Tensor:
     """relu(conv3d(x, dilation d, 'same' padding)), computed ``slab`` output slices at a time.
 
     A whole-volume conv3d on the CPU holds a hidden output-sized buffer besides its
-    output (3 activations at the peak); slab by slab, that buffer is one slab.
+    output (3 activations at the peak); slab by slab, that buffer is one slab. The stop
+    flag is checked before each slab, so a stop takes effect within a slab's time (about
+    a second at 256^3 on a CPU), not a layer's.
     """
     depth = x.shape[2]
     out = torch.empty((1, weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last_3d)
     for z0 in range(0, depth, slab):
+        check_stop(stop)
         z1 = min(z0 + slab, depth)
         lo, hi = max(z0 - d, 0), min(z1 + d, depth)
         part = x[:, :, lo:hi]

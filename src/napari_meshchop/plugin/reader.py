@@ -1,4 +1,16 @@
-"""Reader contribution: a NIfTI volume as a napari layer in physical space (see layers.py)."""
+"""Reader contribution: a NIfTI volume as a napari layer in physical space (see layers.py).
+
+Which reader napari uses. napari's own reader (imageio) also lists ``*.nii`` and
+``*.nii.gz`` but fails on them, and napari-nifti, when installed, claims every ``*.gz``. With
+several readers for a name and no saved preference, File > Open asks each time and offers
+to remember the choice for the whole extension (``.gz``: every gzip file). napari has no way
+for a plugin to rank its reader, only the user's preferences
+(``settings.plugins.extension2reader``, pattern -> plugin, the most specific pattern
+winning). So the first time napari-meshchop runs in a napari session (its widget, its
+sample, its reader), :func:`prefer_for_nifti` adds ``*.nii`` and ``*.nii.gz`` -> this plugin
+where the user has set nothing for them, and narrows a ``*.gz`` preference for this plugin
+to ``*.nii.gz``. The user's own choices stay; Preferences > Plugins shows and edits them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
+from napari.settings import get_settings
+from napari.utils.notifications import show_info
 
 from napari_meshchop.errors import InputError
 from napari_meshchop.imaging.nifti import is_nifti_path
@@ -20,10 +34,33 @@ if TYPE_CHECKING:
     from napari.types import LayerDataTuple
 
 NIFTI_INTENT_LABEL = 1002
+PLUGIN = "napari-meshchop"
+PATTERNS = ("*.nii", "*.nii.gz")
+
+
+def prefer_for_nifti() -> bool:
+    """Make a plain open (File > Open, drag and drop, ``napari scan.nii.gz``,
+    ``viewer.open(path, plugin=None)``) of ``.nii`` and ``.nii.gz`` use this reader, unless
+    the user chose another for them; never for other ``.gz`` files. True when it changed
+    napari's preferences (the user is told once, in a notification)."""
+    settings = get_settings().plugins
+    prefs = dict(settings.extension2reader)
+    added = [pattern for pattern in PATTERNS if pattern not in prefs]
+    prefs.update(dict.fromkeys(added, PLUGIN))
+    narrowed = prefs.get("*.gz") == PLUGIN  # "remember for .gz" would capture every gzip
+    if narrowed:
+        del prefs["*.gz"]
+    if not (added or narrowed):
+        return False
+    settings.extension2reader = prefs
+    show_info("napari-meshchop now opens .nii and .nii.gz files "
+              "(File > Preferences > Plugins to change it)")
+    return True
 
 
 def napari_get_reader(path: str | list[str]) -> Callable | None:
     """Our reader for one or more 3D NIfTI files, or None so napari tries another plugin."""
+    prefer_for_nifti()
     paths = path if isinstance(path, list) else [path]
     if not paths or not all(_readable(p) for p in paths):
         return None

@@ -30,6 +30,8 @@ from napari_meshchop.data.manifest import REASONS, Manifest
 from napari_meshchop.errors import Cancelled
 from napari_meshchop.events import DownloadProgress, Progress
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock
+from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 
 if TYPE_CHECKING:
     import napari
@@ -72,8 +74,8 @@ class DownloadWidget(Container):
                               tooltip="Hugging Face dataset id, or a local copy laid out like it")
         self._revision = LineEdit(label="Revision", value="",
                                   tooltip="branch, tag or commit; empty for main")
-        self._folder = FileEdit(label="Destination", mode="d",
-                                value=str(Path.cwd() / arc.DEFAULT_DATA_DIR))
+        self._folder = elide_path(FileEdit(label="Destination", mode="d",
+                                           value=str(default_folder("arc"))))
         self._start = PushButton(text="Start")
         self._progress = ProgressBar(min=0, max=1, value=0)
         self._status = _wrapping_label(
@@ -84,6 +86,7 @@ class DownloadWidget(Container):
         self._summary.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         inputs = Container(widgets=[self._repo, self._revision, self._folder], labels=True)
         self.extend([inputs, self._start, self._progress, self._status, self._summary])
+        fit_dock(self)
         self._start.clicked.connect(self.toggle)
         self._restore_settings()
 

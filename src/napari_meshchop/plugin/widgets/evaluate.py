@@ -36,6 +36,8 @@ from qtpy.QtGui import QColor, QFontDatabase
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
+    QHeaderView,
+    QMenu,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -50,7 +52,9 @@ from napari_meshchop.events import Progress
 from napari_meshchop.network import registry
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
-from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock
+from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 
 if TYPE_CHECKING:
     import napari
@@ -64,6 +68,8 @@ COLUMNS = [("#", None, "{:d}"), ("Subject", "subject", None),
            ("Macro Dice", "macro_dice", "{:.3f}"), ("AVD", "avd", "{:.2f}"),
            ("MCC", "mcc", "{:.3f}"), ("Error", "error", None)]
 SUMMARY = [("Dice", "dice"), ("Macro Dice", "macro_dice"), ("AVD", "avd"), ("MCC", "mcc")]
+# Shown at first: what fits a dock's width; right-click the header for the others.
+SHOWN = ("Subject", "Dice", "Macro Dice", "AVD", "MCC")
 RESULT_ROLE = Qt.ItemDataRole.UserRole + 1  # on column 0: the row's place in .results
 TRUTH_RGBA = (0.2, 0.85, 0.3, 1.0)
 PREDICTION_RGBA = (1.0, 0.3, 0.1, 1.0)
@@ -138,10 +144,12 @@ class EvaluateWidget(Container):
         self._runs = 0
 
         self._model = ComboBox(label="Model", choices=[*registry.names("model"), CHECKPOINTS])
-        self._checkpoints = FileEdit(label="Checkpoints", mode="rm", filter="*.pt *.pth",
-                                     tooltip="one checkpoint, or several for an ensemble "
-                                     "(their softmax outputs are averaged)")
-        self._data = FileEdit(label="Data folder", mode="d", value="data/arc")
+        self._checkpoints = elide_path(FileEdit(
+            label="Checkpoints", mode="rm", filter="*.pt *.pth",
+            tooltip="one checkpoint, or several for an ensemble (their softmax outputs are "
+            "averaged)"))
+        self._data = elide_path(FileEdit(label="Data folder", mode="d",
+                                         value=default_folder("arc")))
         self._outer = SpinBox(label="Outer fold", min=0, max=9, value=0)
         self._part = ComboBox(label="Part", choices=PARTS, value="test")
         self._inner = SpinBox(label="Inner fold", min=0, max=9, value=0, enabled=False)
@@ -162,7 +170,7 @@ class EvaluateWidget(Container):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self._pick_columns()
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)  # the order they finished
         self.table.setWordWrap(False)
@@ -175,6 +183,7 @@ class EvaluateWidget(Container):
         for widget in (self.table, self._summary.native, self._export.native):
             column.addWidget(widget)
         self.native.layout().addWidget(results)
+        fit_dock(self, grow=results)
 
         self._model.changed.connect(self._on_model)
         self._part.changed.connect(lambda v: setattr(self._inner, "enabled", v == "val"))
@@ -183,6 +192,35 @@ class EvaluateWidget(Container):
         self.table.itemSelectionChanged.connect(self._on_select)
         self._restore_settings()
         self._on_model()
+
+    # ----------------------------------------------------------------- columns
+
+    def _pick_columns(self) -> None:
+        """The main scores fit the dock without sideways scrolling; the header's context
+        menu shows or hides the other columns."""
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(False)
+        header.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        header.customContextMenuRequested.connect(self._column_menu)
+        header.setToolTip("Right-click to choose the columns")
+        for name, *_ in COLUMNS:
+            self.show_column(name, name in SHOWN)
+
+    def show_column(self, name: str, shown: bool = True) -> None:
+        self.table.setColumnHidden([c[0] for c in COLUMNS].index(name), not shown)
+
+    def shown_columns(self) -> list[str]:
+        return [c[0] for i, c in enumerate(COLUMNS) if not self.table.isColumnHidden(i)]
+
+    def _column_menu(self, position) -> None:
+        menu = QMenu(self.table)
+        for index, (name, *_) in enumerate(COLUMNS):
+            action = menu.addAction(name)
+            action.setCheckable(True)
+            action.setChecked(not self.table.isColumnHidden(index))
+            action.toggled.connect(lambda on, name=name: self.show_column(name, on))
+        menu.exec(self.table.horizontalHeader().mapToGlobal(position))
 
     # ----------------------------------------------------------------- inputs
 
@@ -222,6 +260,10 @@ class EvaluateWidget(Container):
         if self.worker is not None:
             return
         data_dir = Path(self._data.value).expanduser()
+        if problem := cohort_problem(data_dir):
+            self._status.value = problem
+            show_error(problem)
+            return
         try:
             models = self.models()
             manifest = _manifest.load(data_dir)
@@ -295,6 +337,7 @@ class EvaluateWidget(Container):
                 item.setToolTip(result.error)
                 if key == "error":
                     item.setForeground(QColor("red"))
+                    self.show_column("Error")
             self.table.setItem(at, column, item)
         self.table.setSortingEnabled(True)
         self.table.resizeColumnsToContents()
@@ -388,7 +431,14 @@ class EvaluateWidget(Container):
             self._status.value = f"{subject}: scan, prediction (orange) and truth (green outline)."
 
     def _go_to_lesion(self) -> None:
-        """Slice through the centre of the true lesion (else leave the view)."""
+        """Fit the view to the subject's scan, and slice through the centre of the true
+        lesion (else through the scan's middle)."""
+        if not self.shown:
+            return
+        try:
+            self._viewer.fit_to_view(layers=self.shown)
+        except (AttributeError, TypeError):  # an older napari: fit every layer
+            self._viewer.reset_view()
         truth = next((lay for lay in self.shown if isinstance(lay, Labels)
                       and lay.name.endswith(" truth")), None)
         if truth is None or not np.any(truth.data):
