@@ -83,6 +83,21 @@ def test_reduced_precision_is_checked_against_float32(tiny_checkpoint):
     np.testing.assert_allclose(got, exact, atol=1e-6)
 
 
+def test_reduced_precision_that_overflows_outside_the_probe_is_redone(tiny_checkpoint):
+    model = checkpoint.load(tiny_checkpoint).build()
+    volume = np.random.default_rng(4).random((48, 40, 40), dtype=np.float32)
+    volume[:4, :4, :4] = 1e6  # float16 ends at 65504; the central probe block is clean
+    exact = _probability(FusedMeshNet(model), volume)
+    half = FusedMeshNet(model, precision="float16")
+    assert half.probe_error(volume) < fused_pass.PROBE_TOLERANCE
+    events = []
+    got = run(half.lesion_probability(volume), events.append)
+    assert [e.message for e in events if "float32" in e.message] == [
+        "float16 overflowed outside the probe block; using float32"]
+    assert half.dtype == torch.float32
+    np.testing.assert_allclose(got, exact, atol=1e-6)
+
+
 def test_slabs_handle_every_face():
     torch.manual_seed(0)
     x = torch.rand(1, 3, 11, 9, 10).contiguous(memory_format=torch.channels_last_3d)
@@ -213,3 +228,27 @@ def test_segment_command_takes_several_models_as_an_ensemble(tiny_checkpoint, tm
     written = np.asarray(nib.load(out).dataobj)
     np.testing.assert_array_equal(written, both.mask)
     assert not np.array_equal(both.mask, alone.mask)  # the second model changed the answer
+
+
+@pytest.mark.slow
+def test_onednn_pass_equals_the_generic_pass_on_the_real_scan(real_data):
+    """At 256^3 (the sample scan, the ARC model): the in-buffer oneDNN pass against the
+    conv3d-a-layer path that runs on GPUs, P(lesion) within 1e-4 and the mask's Dice."""
+    from conftest import ARC_CHECKPOINT, SAMPLE_SCAN
+
+    from napari_meshchop.imaging.preprocess import prepare
+
+    ckpt = checkpoint.load(ARC_CHECKPOINT)
+    volume = prepare(nib.load(SAMPLE_SCAN), ckpt.preprocess).volume
+    assert volume.shape == (256, 256, 256)
+    fast = FusedMeshNet(ckpt.build())
+    if not fast.onednn:
+        pytest.skip("this PyTorch has no oneDNN")
+    got = _probability(fast, volume)
+    generic = FusedMeshNet(ckpt.build())
+    generic.onednn = False
+    expected = _probability(generic, volume)
+    assert np.abs(got - expected).max() < 1e-4
+    a, b = got > 0.5, expected > 0.5
+    assert b.sum() > 50_000  # the lesion is there (about 85 mL)
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999

@@ -68,7 +68,8 @@ class FusedMeshNet:
 
     ``slab`` is the number of output planes per convolution call (None: the device's
     default: 16 with oneDNN, the whole volume on CUDA, 32 elsewhere). ``precision`` is
-    one of :data:`PRECISIONS`.
+    one of :data:`PRECISIONS`. Setting ``onednn`` to False on the CPU runs the generic
+    path instead (the reference that tests and benchmarks compare with).
     """
 
     def __init__(self, model: MeshNet, device: torch.device | str = "cpu",
@@ -114,17 +115,22 @@ class FusedMeshNet:
             error = self.probe_error(volume)
             self.checked = True
             if not error <= PROBE_TOLERANCE:  # NaN too
-                name = str(self.dtype).removeprefix("torch.")
-                yield Progress("network", 0, self.n_steps,
-                               f"{name} differs from float32 by {error:.3g}; using float32")
-                self._set_dtype(torch.float32)
+                yield self._fall_back(f"differs from float32 by {error:.3g}")
         with torch.inference_mode():
             if self.onednn:
                 prob = yield from self._onednn_pass(volume, stop)
             else:
                 prob = yield from self._generic_pass(volume, stop)
+        if self.dtype != torch.float32 and not np.isfinite(prob).all():
+            yield self._fall_back("overflowed outside the probe block")
+            return (yield from self.lesion_probability(volume, stop))
         yield Progress("network", self.n_steps, self.n_steps, "output")
         return prob
+
+    def _fall_back(self, why: str) -> Progress:
+        name = str(self.dtype).removeprefix("torch.")
+        self._set_dtype(torch.float32)
+        return Progress("network", 0, self.n_steps, f"{name} {why}; using float32")
 
     def probe_error(self, volume: np.ndarray) -> float:
         """The largest P(lesion) difference between this pass and a float32 pass on the
