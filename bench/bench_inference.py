@@ -1,99 +1,210 @@
-"""Time and peak memory of one MeshNet forward pass: our inference path against a plain one.
+"""MeshNet-26 inference against the machine's matmul, a whole-volume pass and a plain model.
 
-The baseline is MeshNet as arc-meshchop runs it: an ``nn.Sequential`` of
-Conv3d -> BatchNorm3d -> ReLU blocks, float32, default (NCDHW) memory layout,
-``torch.no_grad``. Each measurement runs in a fresh process, so peak RSS
-(``ru_maxrss``) belongs to that pass alone; the two paths alternate to share the
-machine's noise. Run from the repository root::
+Paths (each measurement in a fresh process, so that its peak RSS is that pass's alone; the
+paths alternate within each repeat to share the machine's noise):
 
-    python bench/bench_inference.py --sizes 128 256 --repeats 2
+- ``plain``: MeshNet as arc-meshchop runs it (``MeshNet.forward``): Conv3d, BatchNorm3d and
+  ReLU (in place) a block, float32, NCDHW, ``torch.no_grad``, then a softmax.
+- ``whole``: BatchNorm folded, channels last, one whole-volume ``conv3d`` + in-place ReLU a
+  layer (``FusedMeshNet``'s generic path with one slab).
+- ``previous``: the pass this project shipped before the oneDNN path: the same in slabs of
+  32 planes into a fresh output a layer (the generic path, ``slab=32``).
+- ``ours``: ``FusedMeshNet`` as ``meshchop segment`` runs it on the CPU (oneDNN, one
+  activation buffer; ``--slabs`` tries other slab heights).
+
+Each worker warms up (a 32^3 pass), measures a 4096^2 float32 matmul (best of 3) just
+before and just after its pass, and reports the pass's GFLOP/s (27 taps x in x out x 2 per
+voxel and layer, plus the head) and its share of the mean of the two matmuls. From the
+repository root::
+
+    python bench/bench_inference.py --sizes 160 256 --repeats 3
+    python bench/bench_inference.py --segment --repeats 3
+
+``--segment`` times a whole ``meshchop segment`` of the sample scan (a fresh process, from
+Python's start to the mask on disk) against the network pass alone and the plain model
+on the same conformed volume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+PATHS = ("plain", "whole", "previous", "ours")
+CHANNELS, DILATIONS = 26, (1, 2, 4, 8, 16, 16, 8, 4, 2)
 
 
-def plain_meshnet(channels: int = 26, dilations=(1, 2, 4, 8, 16, 16, 8, 4, 2)):
-    from torch import nn
-
-    layers, c_in = [], 1
-    for d in dilations:
-        layers += [nn.Conv3d(c_in, channels, 3, padding=d, dilation=d),
-                   nn.BatchNorm3d(channels), nn.ReLU()]
-        c_in = channels
-    layers.append(nn.Conv3d(channels, 2, 1))
-    return nn.Sequential(*layers).eval()
+def flops_per_voxel(channels: int = CHANNELS, dilations=DILATIONS) -> int:
+    widths = [1] + [channels] * len(dilations)
+    return sum(27 * a * b * 2 for a, b in zip(widths[:-1], widths[1:])) + channels * 2 * 2
 
 
-def worker(path: str, size: int) -> dict:
+def matmul_gflops(n: int = 4096) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def make_pass(path: str, slab: int | None, size: int, model=None):
+    """A function volume -> P(lesion) for one path, its weights ready (MeshNet-26, random
+    unless ``model`` is given)."""
+    import torch
+
+    from napari_meshchop.events import run
+    from napari_meshchop.network.fused import FusedMeshNet
+    from napari_meshchop.network.model import MeshNet
+
+    model = model if model is not None else MeshNet().eval()
+    if path == "plain":  # MeshNet's own forward: Conv3d, BatchNorm3d, ReLU(inplace), NCDHW
+        def plain(volume):
+            with torch.no_grad():
+                return torch.softmax(model(torch.from_numpy(volume)[None, None]), 1)[0, 1].numpy()
+        return plain
+    fused = FusedMeshNet(model, "cpu", slab={"whole": size, "previous": 32}.get(path, slab))
+    if path != "ours":
+        fused.onednn = False  # the generic path: conv3d a layer (whole, or slabs of 32)
+    return lambda volume: run(fused.lesion_probability(volume))
+
+
+def worker(path: str, size: int, slab: int | None) -> dict:
     import numpy as np
     import torch
 
-    from napari_meshchop.network.inference import FusedMeshNet
-    from napari_meshchop.network.model import MeshNet
-
     torch.manual_seed(0)
     volume = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
-    if path == "plain":
-        model = plain_meshnet()
-        x = torch.from_numpy(volume)[None, None]
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = torch.softmax(model(x), dim=1)[0, 1].numpy()
-    else:
-        fused = FusedMeshNet(MeshNet().eval())
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.perf_counter()
-        job = fused.lesion_probability(volume)
-        while True:
-            try:
-                next(job)
-            except StopIteration as done:
-                out = done.value
-                break
+    make_pass(path, slab, 32)(volume[:32, :32, :32])  # warm-up: libraries, threads
+    forward = make_pass(path, slab, size)
+    before_mm = matmul_gflops()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    out = forward(volume)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert out.shape == (size,) * 3
-    return {"seconds": seconds, "peak_mb": (after - before) / 1024, "threads": torch.get_num_threads()}
+    after_mm = matmul_gflops()
+    assert out.shape == (size,) * 3 and np.isfinite(out).all()
+    gflops = size**3 * flops_per_voxel() / seconds / 1e9
+    matmul = (before_mm + after_mm) / 2
+    return {"seconds": seconds, "gflops": gflops, "matmul": matmul, "share": gflops / matmul,
+            "peak_mb": (after - before) / 1024, "threads": torch.get_num_threads()}
 
 
-def measure(path: str, size: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", path, "--sizes", str(size)],
-                          capture_output=True, text=True, check=True)
+def measure(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def network_table(sizes, repeats, paths, slabs) -> None:
+    runs = [(p, None) for p in paths if p != "ours"] + [("ours", s) for s in slabs]
+    print(f"load average before: {load_average()}")
+    print("| volume | path | seconds | GFLOP/s | matmul GFLOP/s | share of matmul | time vs plain "
+          "| peak MB | peak / one activation |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        results = {r: [] for r in runs}
+        for _ in range(repeats):
+            for path, slab in runs:
+                extra = ["--slab", str(slab)] if slab else []
+                results[path, slab].append(measure("--worker", path, "--size", str(size), *extra))
+        activation_mb = size**3 * CHANNELS * 4 / 2**20
+        plain = statistics.median(r["seconds"] for r in results.get(("plain", None), [])) \
+            if ("plain", None) in results else None
+        for (path, slab), rs in results.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in ("seconds", "gflops",
+                                                                   "matmul", "share")}
+            peak = max(r["peak_mb"] for r in rs)
+            name = path + (f" (slab {slab})" if slab else "")
+            ratio = f"{med['seconds'] / plain:.2f}" if plain else "-"
+            spread = "/".join(f"{r['share']:.0%}" for r in rs)
+            print(f"| {size}^3 | {name} | {med['seconds']:.1f} | {med['gflops']:.0f} "
+                  f"| {med['matmul']:.0f} | {med['share']:.0%} ({spread}) | {ratio} "
+                  f"| {peak:.0f} | {peak / activation_mb:.2f} |", flush=True)
+    print(f"threads: {rs[0]['threads']}; load average after: {load_average()}")
+
+
+def sample_worker(path: str) -> dict:
+    """The network pass alone (``ours`` or ``plain``) on the conformed sample scan."""
+    import nibabel as nib
+
+    from napari_meshchop.imaging.preprocess import prepare
+    from napari_meshchop.network import checkpoint
+
+    ckpt = checkpoint.load(SHARED / "arc-meshchop_meshnet26_fold0_restart0.pt")
+    volume = prepare(nib.load(SHARED / "sub-M2265_T2w.nii.gz"), ckpt.preprocess).volume
+    make_pass(path, None, 32)(volume[:32, :32, :32])
+    forward = make_pass(path, None, volume.shape[0], ckpt.build().eval())
+    start = time.perf_counter()
+    forward(volume)
+    return {"seconds": time.perf_counter() - start}
+
+
+def segment_table(repeats: int) -> None:
+    print(f"load average before: {load_average()}")
+    meshchop = Path(sys.executable).with_name("meshchop")
+    env = {**os.environ, "MESHCHOP_MIRROR": str(SHARED), "PYTHONPATH": str(ROOT / "src")}
+    times = {"segment": [], "ours": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([str(meshchop), "segment", str(SHARED / "sub-M2265_T2w.nii.gz"),
+                            "-o", f"{tmp}/mask.nii.gz", "--device", "cpu", "-q"],
+                           check=True, env=env, capture_output=True)
+            times["segment"].append(time.perf_counter() - start)
+            for path in ("ours", "plain"):
+                times[path].append(measure("--sample-worker", path)["seconds"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("| what | seconds (median) | runs | vs the network pass alone | vs the plain model |")
+    print("|---|---:|---|---:|---:|")
+    for name, key in (("`meshchop segment` (fresh process, file to file)", "segment"),
+                      ("network pass alone (ours)", "ours"), ("plain model pass", "plain")):
+        runs = ", ".join(f"{t:.1f}" for t in times[key])
+        print(f"| {name} | {med[key]:.1f} | {runs} | {med[key] / med['ours']:.2f} "
+              f"| {med[key] / med['plain']:.2f} |")
+    print(f"load average after: {load_average()}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--worker", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--sizes", type=int, nargs="+", default=[160, 256])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--slabs", type=int, nargs="+", default=[0],
+                   help="slab heights for 'ours' (0: its default)")
+    p.add_argument("--segment", action="store_true", help="time a whole `meshchop segment`")
+    p.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    p.add_argument("--sample-worker", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--slab", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sizes[0])))
-        return
-    activation_mb = {s: s**3 * 26 * 4 / 2**20 for s in args.sizes}
-    print("| volume | plain s | ours s | time ratio | plain peak MB | ours peak MB | memory ratio "
-          "| ours peak / one activation |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in args.sizes:
-        runs = {"plain": [], "ours": []}
-        for _ in range(args.repeats):
-            for path in runs:
-                runs[path].append(measure(path, size))
-        t = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-        m = {k: max(r["peak_mb"] for r in v) for k, v in runs.items()}
-        print(f"| {size}^3 | {t['plain']:.1f} | {t['ours']:.1f} | {t['ours'] / t['plain']:.2f} "
-              f"| {m['plain']:.0f} | {m['ours']:.0f} | {m['ours'] / m['plain']:.2f} "
-              f"| {m['ours'] / activation_mb[size]:.2f} |", flush=True)
+        print(json.dumps(worker(args.worker, args.size, args.slab)))
+    elif args.sample_worker:
+        print(json.dumps(sample_worker(args.sample_worker)))
+    elif args.segment:
+        segment_table(args.repeats)
+    else:
+        network_table(args.sizes, args.repeats, args.paths, [s or None for s in args.slabs])
 
 
 if __name__ == "__main__":

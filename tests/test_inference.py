@@ -10,9 +10,13 @@ from napari_meshchop.errors import Cancelled, MeshchopError
 from napari_meshchop.events import Progress, run
 from napari_meshchop.imaging.nifti import load_volume
 from napari_meshchop.network import checkpoint
-from napari_meshchop.network.inference import (
+from napari_meshchop.network import fused as fused_pass
+from napari_meshchop.network.fused import (
     FusedMeshNet,
-    _conv_relu_in_slabs,
+    compute_dtype,
+    conv_relu_in_slabs,
+)
+from napari_meshchop.network.inference import (
     available_devices,
     resolve_device,
     segment,
@@ -25,14 +29,77 @@ def _probability(fused, volume):
 
 
 def test_fused_pass_equals_the_plain_model(tiny_checkpoint):
-    model = checkpoint.load(tiny_checkpoint).build()
+    model = checkpoint.load(tiny_checkpoint).build()  # dilations 1, 2, 4, 2, 1
     volume = np.random.default_rng(1).random((21, 18, 25), dtype=np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(volume)[None, None])
         expected = torch.softmax(logits, dim=1)[0, 1].numpy()
-    for slab in (3, 7, 64):  # slabs thinner than the dilation, uneven, and whole-volume
-        got = _probability(FusedMeshNet(model, slab=slab), volume)
-        np.testing.assert_allclose(got, expected, atol=1e-5)
+    # Slabs thinner than the dilation, uneven, and whole-volume; the volume thinner than
+    # the slab and than twice the dilation; on the oneDNN path where it runs, and without.
+    with torch.no_grad():
+        thin = torch.softmax(model(torch.from_numpy(volume[:3])[None, None]), 1)[0, 1].numpy()
+    paths = {torch.backends.mkldnn.is_available(): (1, 3, 7, 64), False: (3, 64)}
+    for onednn, slabs in paths.items():
+        torch.backends.mkldnn.enabled = onednn
+        try:
+            for slab in slabs:
+                fused = FusedMeshNet(model, slab=slab)
+                assert fused.onednn == onednn
+                np.testing.assert_allclose(_probability(fused, volume), expected, atol=1e-5)
+            np.testing.assert_allclose(_probability(FusedMeshNet(model, slab=16), volume[:3]),
+                                       thin, atol=1e-5)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+
+def test_precision_choice():
+    assert compute_dtype(torch.device("cpu")) == torch.float32
+    assert compute_dtype(torch.device("cuda")) == torch.float16  # no GPU needed to choose
+    assert compute_dtype(torch.device("mps")) == torch.float32
+    assert compute_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(MeshchopError, match="unknown precision 'half'"):
+        compute_dtype(torch.device("cpu"), "half")
+
+
+def test_reduced_precision_is_checked_against_float32(tiny_checkpoint):
+    """float16 (CUDA's default) runs here on the CPU: its probe passes for a sane model
+    and agrees with float32; a model whose activations overflow float16 falls back."""
+    model = checkpoint.load(tiny_checkpoint).build()
+    volume = np.random.default_rng(3).random((24, 20, 18), dtype=np.float32)
+    exact = _probability(FusedMeshNet(model), volume)
+    half = FusedMeshNet(model, precision="float16")
+    assert half.dtype == torch.float16 and not half.onednn
+    events = []
+    got = run(half.lesion_probability(volume), events.append)
+    assert half.checked and half.dtype == torch.float16
+    assert 0 < np.abs(got - exact).max() < 1e-2  # really float16, and close
+    assert not any("using float32" in e.message for e in events)
+    with torch.no_grad():  # 1e6 x the first layer: activations beyond float16's 65504
+        model.blocks[0].conv.weight.mul_(1e6)
+        model.blocks[0].conv.bias.mul_(1e6)
+    exact = _probability(FusedMeshNet(model), volume)
+    half = FusedMeshNet(model, precision="float16")
+    assert not half.probe_error(volume) <= fused_pass.PROBE_TOLERANCE  # or NaN
+    events = []
+    got = run(half.lesion_probability(volume), events.append)
+    assert half.dtype == torch.float32
+    assert any(e.message.startswith("float16 differs from float32") for e in events)
+    np.testing.assert_allclose(got, exact, atol=1e-6)
+
+
+def test_reduced_precision_that_overflows_outside_the_probe_is_redone(tiny_checkpoint):
+    model = checkpoint.load(tiny_checkpoint).build()
+    volume = np.random.default_rng(4).random((48, 40, 40), dtype=np.float32)
+    volume[:4, :4, :4] = 1e6  # float16 ends at 65504; the central probe block is clean
+    exact = _probability(FusedMeshNet(model), volume)
+    half = FusedMeshNet(model, precision="float16")
+    assert half.probe_error(volume) < fused_pass.PROBE_TOLERANCE
+    events = []
+    got = run(half.lesion_probability(volume), events.append)
+    assert [e.message for e in events if "float32" in e.message] == [
+        "float16 overflowed outside the probe block; using float32"]
+    assert half.dtype == torch.float32
+    np.testing.assert_allclose(got, exact, atol=1e-6)
 
 
 def test_slabs_handle_every_face():
@@ -42,7 +109,7 @@ def test_slabs_handle_every_face():
     for d in (1, 4, 16):
         expected = torch.nn.functional.conv3d(x, w, b, padding=d, dilation=d).relu()
         for slab in (1, 4, 11):
-            torch.testing.assert_close(_conv_relu_in_slabs(x, w, b, d, slab), expected,
+            torch.testing.assert_close(conv_relu_in_slabs(x, w, b, d, slab), expected,
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -165,3 +232,27 @@ def test_segment_command_takes_several_models_as_an_ensemble(tiny_checkpoint, tm
     written = np.asarray(nib.load(out).dataobj)
     np.testing.assert_array_equal(written, both.mask)
     assert not np.array_equal(both.mask, alone.mask)  # the second model changed the answer
+
+
+@pytest.mark.slow
+def test_onednn_pass_equals_the_generic_pass_on_the_real_scan(real_data):
+    """At 256^3 (the sample scan, the ARC model): the in-buffer oneDNN pass against the
+    conv3d-a-layer path that runs on GPUs, P(lesion) within 1e-4 and the mask's Dice."""
+    from conftest import ARC_CHECKPOINT, SAMPLE_SCAN
+
+    from napari_meshchop.imaging.preprocess import prepare
+
+    ckpt = checkpoint.load(ARC_CHECKPOINT)
+    volume = prepare(nib.load(SAMPLE_SCAN), ckpt.preprocess).volume
+    assert volume.shape == (256, 256, 256)
+    fast = FusedMeshNet(ckpt.build())
+    if not fast.onednn:
+        pytest.skip("this PyTorch has no oneDNN")
+    got = _probability(fast, volume)
+    generic = FusedMeshNet(ckpt.build())
+    generic.onednn = False
+    expected = _probability(generic, volume)
+    assert np.abs(got - expected).max() < 1e-4
+    a, b = got > 0.5, expected > 0.5
+    assert b.sum() > 50_000  # the lesion is there (about 85 mL)
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999

@@ -1,10 +1,4 @@
-"""Segmenting one MRI: preprocessing, a memory-lean MeshNet pass, and the way back.
-
-The pass folds each BatchNorm into its convolution, keeps activations in the
-channels-last layout that oneDNN's CPU kernels (and cuDNN) prefer, and applies
-ReLU in place, so at most two full-size activations are alive at any moment:
-the input and the output of the current convolution.
-"""
+"""Segmenting one MRI: preprocessing, the fused MeshNet pass (:mod:`.fused`), and the way back."""
 
 from __future__ import annotations
 
@@ -16,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
@@ -26,7 +19,7 @@ from napari_meshchop.imaging.preprocess import prepare, to_source
 from napari_meshchop.network import checkpoint as ckpt_io
 from napari_meshchop.network import registry
 from napari_meshchop.network.devices import DEVICES
-from napari_meshchop.network.model import MeshNet
+from napari_meshchop.network.fused import FusedMeshNet
 
 Model = str | os.PathLike | ckpt_io.Checkpoint
 Models = Model | Sequence[Model]  # several: an ensemble
@@ -51,50 +44,6 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise MeshchopError(f"device {name!r} is not available here; "
                             f"available: {', '.join(available_devices())}")
     return torch.device(name)
-
-
-class FusedMeshNet:
-    """A MeshNet for inference only: each Conv3d+BatchNorm3d folded into one conv."""
-
-    def __init__(self, model: MeshNet, device: torch.device | str = "cpu", slab: int = 32):
-        self.device = torch.device(device)
-        self.slab = slab
-        self.layers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        with torch.no_grad():
-            for block in model.blocks:
-                conv, bn = block.conv, block.bn
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                weight = conv.weight * scale.view(-1, 1, 1, 1, 1)
-                bias = (conv.bias - bn.running_mean) * scale + bn.bias
-                self.layers.append((self._put(weight), self._put(bias), conv.dilation[0]))
-            self.head = (self._put(model.head.weight), self._put(model.head.bias))
-
-    def _put(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().float().to(self.device)
-        return t.contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else t
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.layers) + 1
-
-    def lesion_probability(self, volume: np.ndarray, stop: StopFlag = None
-                           ) -> Generator[Progress, None, np.ndarray]:
-        """Yield after each layer; return P(lesion) on the network grid as float32."""
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-            x = x[None, None].to(self.device).contiguous(memory_format=torch.channels_last_3d)
-            for i, (weight, bias, d) in enumerate(self.layers):
-                x = _conv_relu_in_slabs(x, weight, bias, d, self.slab, stop)
-                yield Progress("network", i + 1, self.n_steps, f"layer {i + 1}")
-                check_stop(stop)
-            logits = F.conv3d(x, *self.head)
-            del x
-            # Two-class softmax, class 1, without a second full-size tensor.
-            prob = torch.sigmoid(logits[0, 1] - logits[0, 0])
-            del logits
-            out = prob.float().cpu().numpy()
-        yield Progress("network", self.n_steps, self.n_steps, "output")
-        return out
 
 
 class Ensemble:
@@ -122,12 +71,13 @@ class Ensemble:
         return mean
 
 
-def load_predictor(models, device: torch.device | str = "cpu"
+def load_predictor(models, device: torch.device | str = "cpu", precision: str = "auto"
                    ) -> tuple[FusedMeshNet | Ensemble, ckpt_io.Checkpoint, str]:
     """One model, or several as an :class:`Ensemble`: the predictor, the first checkpoint
     (its preprocessing is everyone's) and a label for reports.
 
-    ``models`` is a checkpoint file, a registry name, a Checkpoint, or a list of them.
+    ``models`` is a checkpoint file, a registry name, a Checkpoint, or a list of them;
+    ``precision`` is one of :data:`fused.PRECISIONS` (``auto``: float16 on CUDA only).
     """
     if isinstance(models, (str, os.PathLike, ckpt_io.Checkpoint)):
         models = [models]
@@ -140,33 +90,10 @@ def load_predictor(models, device: torch.device | str = "cpu"
             raise MeshchopError(f"{label}: its preprocessing ({ckpt.preprocess.name}, "
                                 f"{ckpt.preprocess.shape}) differs from {loaded[0][1]}'s; "
                                 "an ensemble needs one network grid")
-    fused = [FusedMeshNet(ckpt.build(), device) for ckpt, _ in loaded]
+    fused = [FusedMeshNet(ckpt.build(), device, precision=precision) for ckpt, _ in loaded]
     if len(fused) == 1:
         return fused[0], first, loaded[0][1]
     return Ensemble(fused), first, f"ensemble of {len(fused)} ({', '.join(l for _, l in loaded)})"
-
-
-def _conv_relu_in_slabs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        d: int, slab: int, stop: StopFlag = None) -> torch.Tensor:
-    """relu(conv3d(x, dilation d, 'same' padding)), computed ``slab`` output slices at a time.
-
-    A whole-volume conv3d on the CPU holds a hidden output-sized buffer besides its
-    output (3 activations at the peak); slab by slab, that buffer is one slab. The stop
-    flag is checked before each slab, so a stop takes effect within a slab's time (about
-    a second at 256^3 on a CPU), not a layer's.
-    """
-    depth = x.shape[2]
-    out = torch.empty((1, weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last_3d)
-    for z0 in range(0, depth, slab):
-        check_stop(stop)
-        z1 = min(z0 + slab, depth)
-        lo, hi = max(z0 - d, 0), min(z1 + d, depth)
-        part = x[:, :, lo:hi]
-        if lo > z0 - d or hi < z1 + d:  # zero padding in depth at the volume's faces
-            part = F.pad(part, (0, 0, 0, 0, lo - (z0 - d), (z1 + d) - hi))
-        out[:, :, z0:z1] = F.conv3d(part, weight, bias, padding=(0, d, d), dilation=d).relu_()
-    return out
 
 
 @dataclass
@@ -197,6 +124,7 @@ def segment(
     model: Models = registry.DEFAULT_MODEL,
     device: str = "auto",
     stop: StopFlag = None,
+    precision: str = "auto",
 ) -> Generator[Progress, None, SegmentResult]:
     """Segment the lesion in one checked 3D image (see :func:`nifti.load_volume`).
 
@@ -205,7 +133,7 @@ def segment(
     """
     yield Progress("model", 0, 1, "loading model")
     dev = resolve_device(device)
-    predictor, checkpoint, label = load_predictor(model, dev)
+    predictor, checkpoint, label = load_predictor(model, dev, precision)
     total = predictor.n_steps + 3  # model, preprocessing, the layers, mapping back
     check_stop(stop)
     yield Progress("preprocess", 1, total, checkpoint.preprocess.name)
@@ -247,11 +175,12 @@ def segment_file(
     model: Models = registry.DEFAULT_MODEL,
     device: str = "auto",
     stop: StopFlag = None,
+    precision: str = "auto",
 ) -> Generator[Progress, None, SegmentResult]:
     """Read a NIfTI, segment it, write the mask on the input's grid (atomically)."""
     yield Progress("load", 0, 1, os.fspath(input_path))
     img = load_volume(input_path)
-    result = yield from segment(img, model, device, stop)
+    result = yield from segment(img, model, device, stop, precision)
     save_mask(result.mask, result.affine, output_path)
     return result
 
