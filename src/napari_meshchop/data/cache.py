@@ -1,7 +1,8 @@
 """Each image/mask pair preprocessed once, stored compactly, served to PyTorch.
 
-A cached pair is one ``.npz`` file: the network-grid image as uint8 (``round(255 v)``,
-which for ``conform`` is exactly FreeSurfer's 0..255 volume), the mask as packed bits and
+A cached pair is one ``.npz`` file: the network-grid image as uint8 (the conformed 0..255
+volume for ``conform`` and ``brainchop``, whose intensity rule is applied on loading;
+``round(255 v)`` for ``ras-minmax``), the mask as packed bits and
 the grid's affine, about 19 MB for a 256^3 pair instead of 134 MB as float32 + int64. Its
 name carries a key made of the source files' sha256 and the :class:`PreprocessSpec`, so a
 changed file or recipe never serves a stale volume. Files are written atomically, so
@@ -16,7 +17,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +30,12 @@ from napari_meshchop.data.manifest import Pair
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
 from napari_meshchop.imaging.nifti import load_volume
-from napari_meshchop.imaging.preprocess import PreprocessSpec, prepare, prepare_mask
+from napari_meshchop.imaging.preprocess import (
+    PreprocessSpec,
+    prepare,
+    prepare_mask,
+    scale_uint8,
+)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -50,10 +56,11 @@ class Conformed:
     image: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
+    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
 
     def image_float(self) -> np.ndarray:
         """The network input in [0, 1], as :func:`preprocess.prepare` makes it."""
-        return np.divide(self.image, np.float32(255), dtype=np.float32)
+        return scale_uint8(self.image, self.spec)
 
 
 def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) -> Conformed:
@@ -61,9 +68,10 @@ def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) 
     data_dir = Path(data_dir)
     img = load_volume(data_dir / pair.image)
     prepared = prepare(img, spec)
-    image = np.rint(prepared.volume * np.float32(255)).astype(np.uint8)
+    image = (prepared.uint8 if prepared.uint8 is not None
+             else np.rint(prepared.volume * np.float32(255)).astype(np.uint8))
     mask = prepare_mask(nib.load(data_dir / pair.mask), img, spec)
-    return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine)
+    return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine, spec)
 
 
 class PairCache:
@@ -92,7 +100,7 @@ class PairCache:
             return None
         if shape != self.spec.shape or image.shape != shape:
             return None
-        return Conformed(image, mask.reshape(shape), affine)
+        return Conformed(image, mask.reshape(shape), affine, self.spec)
 
     def store(self, pair: Pair, conformed: Conformed) -> Path:
         where = self.path(pair)
