@@ -2,9 +2,10 @@
 
 brainchop 0.2.x builds its own MeshNet from ``model.json`` (a list of convolution layers,
 each followed by ReLU; ``bnorm`` would add an instance norm, so it is off and BatchNorm is
-folded into the kernels instead) and loads ``model.pth`` into it strictly by name: layer
-``i``'s convolution is ``model.{2 i}`` because each block is [conv, relu]. The weights
-are a plain PyTorch state dict, loadable with ``torch.load(weights_only=True)``.
+folded into the kernels instead) and loads ``model.pth`` into it: a PyTorch file by the
+order of its keys, so they are named and ordered as that MeshNet's (layer ``i``'s
+convolution is ``model.{2 i}``, each block being [conv, relu]). It is a plain state dict,
+loadable with ``torch.load(weights_only=True)``.
 
 Whatever the folder says, brainchop conforms the scan with niimath (256^3, 1 mm, LIA,
 uint8), feeds the voxels in LIA order and clips them to their 2%-98% quantile range: the
@@ -40,8 +41,7 @@ def config(convs: list[Conv]) -> dict:
 
 
 def state_dict(convs: list[Conv]) -> OrderedDict:
-    """Named and ordered as brainchop's MeshNet: its loader checks names, and falls back to
-    the order of the keys."""
+    """Named and ordered as brainchop's MeshNet's state dict."""
     state = OrderedDict()
     for i, conv in enumerate(convs):
         index = 2 * i  # [conv, relu] per block; the head comes last
