@@ -1,12 +1,12 @@
 """Each image/mask pair preprocessed once, stored compactly, served to PyTorch.
 
-A cached pair is one ``.npz`` file: the network-grid image as uint8 (the conformed 0..255
-volume for ``conform`` and ``brainchop``, whose intensity rule is applied on loading;
-``round(255 v)`` for ``ras-minmax``), the mask as packed bits and
+A cached pair is one ``.npz`` file: the network-grid image as uint8 (``round(255 v)``,
+which for ``conform`` is exactly FreeSurfer's 0..255 volume), the mask as packed bits and
 the grid's affine, about 19 MB for a 256^3 pair instead of 134 MB as float32 + int64. Its
 name carries a key made of the source files' sha256 and the :class:`PreprocessSpec`, so a
 changed file or recipe never serves a stale volume. Files are written atomically, so
-DataLoader workers may fill the cache side by side.
+DataLoader workers may fill the cache side by side. ``brainchop``'s quantile clip gives
+values that are not multiples of 1/255: its image is stored as the float32 volume itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -30,12 +30,7 @@ from napari_meshchop.data.manifest import Pair
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Progress, StopFlag, check_stop
 from napari_meshchop.imaging.nifti import load_volume
-from napari_meshchop.imaging.preprocess import (
-    PreprocessSpec,
-    prepare,
-    prepare_mask,
-    scale_uint8,
-)
+from napari_meshchop.imaging.preprocess import PreprocessSpec, prepare, prepare_mask
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -49,6 +44,11 @@ def cache_key(pair: Pair, spec: PreprocessSpec) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def image_dtype(spec: PreprocessSpec) -> type[np.generic]:
+    """How a spec's network-grid image is stored (see the module's docstring)."""
+    return np.float32 if spec.name == "brainchop" else np.uint8
+
+
 @dataclass
 class Conformed:
     """A pair on the network grid, compact: uint8 image (0..255) and uint8 mask {0, 1}."""
@@ -56,11 +56,12 @@ class Conformed:
     image: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
-    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
 
     def image_float(self) -> np.ndarray:
         """The network input in [0, 1], as :func:`preprocess.prepare` makes it."""
-        return scale_uint8(self.image, self.spec)
+        if self.image.dtype == np.uint8:
+            return np.divide(self.image, np.float32(255), dtype=np.float32)
+        return self.image
 
 
 def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) -> Conformed:
@@ -68,10 +69,12 @@ def conform_pair(pair: Pair, data_dir: str | os.PathLike, spec: PreprocessSpec) 
     data_dir = Path(data_dir)
     img = load_volume(data_dir / pair.image)
     prepared = prepare(img, spec)
-    image = (prepared.uint8 if prepared.uint8 is not None
-             else np.rint(prepared.volume * np.float32(255)).astype(np.uint8))
+    if image_dtype(spec) == np.uint8:
+        image = np.rint(prepared.volume * np.float32(255)).astype(np.uint8)
+    else:
+        image = prepared.volume
     mask = prepare_mask(nib.load(data_dir / pair.mask), img, spec)
-    return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine, spec)
+    return Conformed(image, mask.astype(np.uint8, copy=False), prepared.affine)
 
 
 class PairCache:
@@ -98,14 +101,16 @@ class PairCache:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log.warning("cached pair %s is damaged (%s); preprocessing it again", where, exc)
             return None
-        if shape != self.spec.shape or image.shape != shape:
+        if (shape != self.spec.shape or image.shape != shape
+                or image.dtype != image_dtype(self.spec)):
             return None
-        return Conformed(image, mask.reshape(shape), affine, self.spec)
+        return Conformed(image, mask.reshape(shape), affine)
 
     def store(self, pair: Pair, conformed: Conformed) -> Path:
         where = self.path(pair)
         with files.atomic_file(where) as fh:
-            np.savez(fh, image=np.ascontiguousarray(conformed.image, dtype=np.uint8),
+            np.savez(fh, image=np.ascontiguousarray(conformed.image,
+                                                    dtype=image_dtype(self.spec)),
                      mask_bits=np.packbits(conformed.mask.astype(bool, copy=False).ravel()),
                      shape=np.array(conformed.image.shape), affine=conformed.affine)
         return where

@@ -22,64 +22,21 @@ back to the input's grid through the same affines.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 
 from napari_meshchop.imaging import conform as _conform
 from napari_meshchop.imaging.geometry import resample
-
-KNOWN = ("conform", "ras-minmax", "brainchop")
-# Specs on FreeSurfer's conformed grid (256^3, 1 mm, LIA), read from its uint8 volume.
-CONFORMED = ("conform", "brainchop")
+from napari_meshchop.imaging.spec import KNOWN, PreprocessSpec  # noqa: F401 - this module's API
+from napari_meshchop.imaging.spec import CONFORMED
 
 # brainchop's command line (0.2.x) normalises every conformed volume this way, whatever the
 # model's folder says: numpy's (linearly interpolated) 2% and 98% quantiles of the uint8
 # volume map to 0 and 1, with a small constant in the divisor, and the rest is clipped.
 QUANTILES = (0.02, 0.98)
 QUANTILE_EPS = 1e-3
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    name: str = "conform"
-    shape: tuple[int, int, int] = (256, 256, 256)
-    voxel_size: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if self.name not in KNOWN:
-            raise ValueError(f"unknown preprocessing {self.name!r}; known: {', '.join(KNOWN)}")
-        if self.name in CONFORMED and (self.shape != (256,) * 3 or self.voxel_size != 1.0):
-            raise ValueError(f"{self.name} is defined for 256^3 at 1 mm only")
-
-    @property
-    def summary(self) -> str:
-        """One line that says what the network is fed."""
-        if self.name == "conform":
-            return ("FreeSurfer's conform (256^3, 1 mm, LIA, robust range to 0..255 with the "
-                    "top 0.1% clipped), divided by 255")
-        if self.name == "brainchop":
-            return ("niimath's conform (256^3, 1 mm, LIA, uint8 with the top 2% clipped), then "
-                    "its 2%-98% quantile range scaled to [0, 1] and clipped")
-        return (f"reoriented to RAS, resampled to {self.voxel_size:g} mm, centre crop or pad "
-                f"to {'x'.join(map(str, self.shape))}, min-max scaled to [0, 1]")
-
-    @property
-    def axis_codes(self) -> str:
-        """Where the network grid's voxel axes point (nibabel's codes): the order in which
-        the network sees the volume."""
-        return "RAS" if self.name == "ras-minmax" else "LIA"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PreprocessSpec:
-        return cls(**d)
 
 
 @dataclass
@@ -90,9 +47,6 @@ class Prepared:
     affine: np.ndarray  # voxel -> world of the network grid
     source_affine: np.ndarray
     source_shape: tuple[int, int, int]
-    # The conformed uint8 volume the intensity rule read (conform, brainchop); the
-    # training cache stores it.
-    uint8: np.ndarray | None = None
 
 
 def network_grid(affine: np.ndarray, shape: tuple[int, ...], spec: PreprocessSpec) -> np.ndarray:
@@ -122,8 +76,9 @@ def prepare(img: nib.Nifti1Image, spec: PreprocessSpec) -> Prepared:
         f_high = _conform.NIIMATH_F_HIGH if spec.name == "brainchop" else None
         conformed = _conform.conform(img, f_high=f_high)
         image = np.asarray(conformed.dataobj)
-        return Prepared(scale_uint8(image, spec), conformed.affine, np.asarray(img.affine),
-                        tuple(img.shape[:3]), uint8=image)
+        volume = (quantile_clip(image) if spec.name == "brainchop"
+                  else np.divide(image, np.float32(255), dtype=np.float32))
+        return Prepared(volume, conformed.affine, np.asarray(img.affine), tuple(img.shape[:3]))
     grid = network_grid(img.affine, img.shape, spec)
     volume = resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, grid,
                       spec.shape, order=1)
@@ -133,11 +88,8 @@ def prepare(img: nib.Nifti1Image, spec: PreprocessSpec) -> Prepared:
     return Prepared(volume, grid, np.asarray(img.affine), tuple(img.shape[:3]))
 
 
-def scale_uint8(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The network input (float32) from a uint8 volume on the network grid: brainchop's
-    quantile clip for ``brainchop``, a division by 255 for the others."""
-    if spec.name != "brainchop":
-        return np.divide(image, np.float32(255), dtype=np.float32)
+def quantile_clip(image: np.ndarray) -> np.ndarray:
+    """brainchop's intensity rule on a conformed uint8 volume: float32 in [0, 1]."""
     lo, hi = (np.float32(q) for q in uint8_quantiles(image, QUANTILES))
     volume = image.astype(np.float32)
     volume -= lo
