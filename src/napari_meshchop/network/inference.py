@@ -23,7 +23,8 @@ from napari_meshchop.events import Progress, StopFlag, check_stop
 from napari_meshchop.imaging.nifti import load_volume, save_mask
 from napari_meshchop.imaging.preprocess import prepare, to_source
 from napari_meshchop.network import checkpoint as ckpt_io
-from napari_meshchop.network import onnx_predictor, registry
+from napari_meshchop.network import onnx_predictor
+from napari_meshchop.network import registry
 from napari_meshchop.network.model import MeshNet
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
