@@ -51,11 +51,15 @@ def check_exportable(ckpt: ckpt_io.Checkpoint, label: str) -> None:
 
 
 def folded(ckpt: ckpt_io.Checkpoint) -> list[Conv]:
-    """The checkpoint's network, BatchNorm folded, in its network grid's voxel order."""
-    fused = FusedMeshNet(ckpt.build(), "cpu")
+    """The checkpoint's network, BatchNorm folded, in its network grid's voxel order.
+
+    The blocks come folded from :class:`FusedMeshNet`; the head (no BatchNorm) comes from
+    the model as it is, both classes' logits, whatever form the fused pass gives it.
+    """
+    model = ckpt.build()
+    fused = FusedMeshNet(model, "cpu")
     convs = [Conv(_array(w), _array(b), int(d), relu=True) for w, b, d in fused.layers]
-    head_weight, head_bias = fused.head
-    convs.append(Conv(_array(head_weight), _array(head_bias), 1, relu=False))
+    convs.append(Conv(_array(model.head.weight), _array(model.head.bias), 1, relu=False))
     return convs
 
 
