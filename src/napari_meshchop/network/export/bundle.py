@@ -71,9 +71,10 @@ def export(model: str | os.PathLike | ckpt_io.Checkpoint, fmt: str,
     spec = ckpt.preprocess
     warnings = _warnings(fmt, spec, label)
     meta = metadata(ckpt, label, source, fmt, warnings)
-    if fmt != "onnx":  # brainchop's runtimes feed LIA voxel order
-        convs = reoriented(convs, spec.axis_codes, tfjs.AXIS_CODES)
-        meta["kernel_axis_codes"] = tfjs.AXIS_CODES
+    fed = {"tfjs": tfjs.AXIS_CODES, "brainchop": brainchop.AXIS_CODES}.get(fmt)
+    if fed:  # brainchop's runtimes feed their own voxel order (LIA)
+        convs = reoriented(convs, spec.axis_codes, fed)
+        meta["kernel_axis_codes"] = fed
     if fmt == "tfjs":
         meta["crop_padding"] = receptive_radius(convs)
     folder.mkdir(exist_ok=True)
