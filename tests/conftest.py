@@ -45,6 +45,14 @@ def require_module(name: str, what: str):
         require(False, f"{what} ({name}, in the test extra)")
 
 
+def missing_tool(message: str) -> None:
+    """A test's outside tool (a runtime, a server) is absent: skip here, fail under CI,
+    whose set-up (the README's test command) installs it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test: {message}")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def isolated_settings(tmp_path):
     """Widgets' QSettings (last model, device, folders) in tmp_path, not the user's."""

@@ -5,8 +5,8 @@ the grid's affine. The image is stored so that training and evaluation feed the 
 exactly the numbers that segmentation (:func:`preprocess.prepare`) feeds it: for
 ``conform`` as uint8 (``round(255 v)``, which is FreeSurfer's 0..255 volume itself, and
 ``v / 255`` again bit for bit), about 19 MB for a 256^3 pair instead of 134 MB as float32 +
-int64; for ``ras-minmax``, whose values are any floats in [0, 1], as the float32 volume
-itself (67 MB at 256^3). Its name carries a key made of the source files' sha256 and the
+int64; for ``ras-minmax`` and ``brainchop``, whose values are any floats in [0, 1], as the float32
+volume itself (67 MB at 256^3). Its name carries a key made of the source files' sha256 and the
 :class:`PreprocessSpec`, so a changed file or recipe never serves a stale volume. Files are
 written atomically, so DataLoader workers may fill the cache side by side.
 """

@@ -16,6 +16,7 @@ CONFORMED_SHAPE = (256, 256, 256)
 # Upper quantile of the robust range. FreeSurfer (mri_convert reports fhi=0.999) and
 # FastSurfer use 0.999; niimath's -conform deliberately uses 0.98 instead.
 F_HIGH = 0.999
+NIIMATH_F_HIGH = 0.98
 
 # Voxel axes -> world: i runs to Left, j to Inferior, k to Anterior (1 mm each).
 _LIA = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
@@ -58,8 +59,12 @@ def robust_range(
     return lo + low_bin * width, lo + high_bin * width
 
 
-def conform(img: nib.spatialimages.SpatialImage, order: int = 1) -> nib.Nifti1Image:
-    """uint8 0..255 conformed image (header with the conformed affine, qform and sform set)."""
+def conform(img: nib.spatialimages.SpatialImage, order: int = 1,
+            f_high: float | None = None) -> nib.Nifti1Image:
+    """uint8 0..255 conformed image (header with the conformed affine, qform and sform set).
+
+    ``f_high`` is the robust range's upper quantile: FreeSurfer's :data:`F_HIGH` unless
+    given (:data:`NIIMATH_F_HIGH` for niimath's ``-conform``)."""
     if len(img.shape) != 3:
         raise ValueError(f"conform needs a 3D image, got shape {img.shape}")
     dst = conformed_affine(img.affine, img.shape)
@@ -70,7 +75,7 @@ def conform(img: nib.spatialimages.SpatialImage, order: int = 1) -> nib.Nifti1Im
     # black level; niimath reads them as 0. More than that is signal and is kept.
     if 0 < np.count_nonzero(data < 0) < 0.02 * data.size:
         data = np.maximum(data, np.float32(0))
-    lo, hi = robust_range(data, 0.0, F_HIGH)
+    lo, hi = robust_range(data, 0.0, F_HIGH if f_high is None else f_high)
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     # Scale and clip on the input grid, before resampling, as niimath does (FastSurfer
     # clips after resampling; the two differ only next to clipped voxels).

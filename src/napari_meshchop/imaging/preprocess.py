@@ -1,7 +1,7 @@
 """The one preprocessing entry point: MRI volume -> network input, and back.
 
 A checkpoint names the preprocessing it was trained with (a :class:`PreprocessSpec`);
-inference applies exactly that one. Two are known:
+inference applies exactly that one. Three are known:
 
 ``conform``
     FreeSurfer's ``mri_convert --conform`` (256^3, 1 mm, LIA, robust 0-255 with the
@@ -10,8 +10,12 @@ inference applies exactly that one. Two are known:
     What arc-meshchop trains with: reorient to RAS+, zoom to 1 mm (scipy's
     corner-aligned ``zoom``), centre crop or pad to 256^3 in voxel space, then
     min-max scale the whole volume to [0, 1].
+``brainchop``
+    Exactly what brainchop's command line feeds a model (so that a model trained on it
+    runs there unchanged): niimath's ``-conform`` (``conform`` with niimath's upper
+    quantile, 0.98), then the uint8 volume's 2% and 98% quantiles map to 0 and 1, clipped.
 
-Both are a resampling onto a *network grid* (an affine and a shape) plus an
+All are a resampling onto a *network grid* (an affine and a shape) plus an
 intensity rule, so masks follow the image onto the same grid and predictions go
 back to the input's grid through the same affines.
 """
@@ -25,7 +29,13 @@ import numpy as np
 
 from napari_meshchop.imaging import conform as _conform
 from napari_meshchop.imaging.geometry import resample
-from napari_meshchop.imaging.spec import KNOWN, PreprocessSpec  # noqa: F401 - this module's API
+from napari_meshchop.imaging.spec import CONFORMED, KNOWN, PreprocessSpec  # noqa: F401 - this module's API
+
+# brainchop's command line (0.2.x) normalises every conformed volume this way, whatever the
+# model's folder says: numpy's (linearly interpolated) 2% and 98% quantiles of the uint8
+# volume map to 0 and 1, with a small constant in the divisor, and the rest is clipped.
+QUANTILES = (0.02, 0.98)
+QUANTILE_EPS = 1e-3
 
 
 @dataclass
@@ -40,7 +50,7 @@ class Prepared:
 
 def network_grid(affine: np.ndarray, shape: tuple[int, ...], spec: PreprocessSpec) -> np.ndarray:
     """The world affine of the grid the network sees for an input on ``affine``/``shape``."""
-    if spec.name == "conform":
+    if spec.name in CONFORMED:
         return _conform.conformed_affine(affine, shape[:3])
     # ras-minmax: the RAS+ reorientation is a voxel permutation and flip; zoom aligns
     # the first and last voxel centres; the crop or pad then shifts by whole voxels.
@@ -61,18 +71,44 @@ def network_grid(affine: np.ndarray, shape: tuple[int, ...], spec: PreprocessSpe
 
 def prepare(img: nib.Nifti1Image, spec: PreprocessSpec) -> Prepared:
     """Resample ``img`` onto the network grid and scale it to [0, 1]."""
-    if spec.name == "conform":
-        conformed = _conform.conform(img)
-        volume = np.asarray(conformed.dataobj, dtype=np.float32) / np.float32(255)
-        grid = conformed.affine
-    else:
-        grid = network_grid(img.affine, img.shape, spec)
-        volume = resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, grid,
-                          spec.shape, order=1)
-        lo, hi = float(volume.min()), float(volume.max())
-        volume -= lo
-        volume /= max(hi - lo, 1e-8)
+    if spec.name in CONFORMED:
+        f_high = _conform.NIIMATH_F_HIGH if spec.name == "brainchop" else None
+        conformed = _conform.conform(img, f_high=f_high)
+        image = np.asarray(conformed.dataobj)
+        volume = (quantile_clip(image) if spec.name == "brainchop"
+                  else np.divide(image, np.float32(255), dtype=np.float32))
+        return Prepared(volume, conformed.affine, np.asarray(img.affine), tuple(img.shape[:3]))
+    grid = network_grid(img.affine, img.shape, spec)
+    volume = resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, grid,
+                      spec.shape, order=1)
+    lo, hi = float(volume.min()), float(volume.max())
+    volume -= lo
+    volume /= max(hi - lo, 1e-8)
     return Prepared(volume, grid, np.asarray(img.affine), tuple(img.shape[:3]))
+
+
+def quantile_clip(image: np.ndarray) -> np.ndarray:
+    """brainchop's intensity rule on a conformed uint8 volume: float32 in [0, 1]."""
+    lo, hi = (np.float32(q) for q in uint8_quantiles(image, QUANTILES))
+    volume = image.astype(np.float32)
+    volume -= lo
+    volume /= hi - lo + np.float32(QUANTILE_EPS)
+    return np.clip(volume, 0.0, 1.0, out=volume)
+
+
+def uint8_quantiles(image: np.ndarray, qs) -> list[float]:
+    """``numpy.quantile(image, qs)`` (linear interpolation) of a uint8 volume, read off its
+    histogram instead of sorting 16 million voxels."""
+    cumulative = np.cumsum(np.bincount(np.asarray(image, dtype=np.uint8).ravel(), minlength=256))
+    n = int(cumulative[-1])
+    out = []
+    for q in qs:
+        h = (n - 1) * q
+        rank = int(np.floor(h))
+        # The value at sorted position r is the first one whose cumulative count exceeds r.
+        below, above = np.searchsorted(cumulative, [rank, min(rank + 1, n - 1)], side="right")
+        out.append(float(below) + (h - rank) * float(above - below))
+    return out
 
 
 def prepare_mask(mask: nib.Nifti1Image, like: nib.Nifti1Image, spec: PreprocessSpec) -> np.ndarray:

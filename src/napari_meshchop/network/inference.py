@@ -17,7 +17,7 @@ from napari_meshchop.imaging.geometry import voxel_volume_ml
 from napari_meshchop.imaging.nifti import load_volume, save_mask
 from napari_meshchop.imaging.preprocess import prepare, to_source
 from napari_meshchop.network import checkpoint as ckpt_io
-from napari_meshchop.network import registry
+from napari_meshchop.network import onnx_predictor, registry
 from napari_meshchop.network.devices import DEVICES
 from napari_meshchop.network.fused import FusedMeshNet
 
@@ -76,11 +76,14 @@ def load_predictor(models, device: torch.device | str = "cpu", precision: str = 
     """One model, or several as an :class:`Ensemble`: the predictor, the first checkpoint
     (its preprocessing is everyone's) and a label for reports.
 
-    ``models`` is a checkpoint file, a registry name, a Checkpoint, or a list of them;
-    ``precision`` is one of :data:`fused.PRECISIONS` (``auto``: float16 on CUDA only).
+    ``models`` is a checkpoint file, a registry name, a Checkpoint, or a list of them, or one
+    exported ``.onnx`` file, run by onnxruntime; ``precision`` is one of
+    :data:`fused.PRECISIONS` (``auto``: float16 on CUDA only).
     """
     if isinstance(models, (str, os.PathLike, ckpt_io.Checkpoint)):
         models = [models]
+    if any(onnx_predictor.is_onnx(m) for m in models):
+        return onnx_predictor.load_predictor(models, device)
     loaded = [load_model(m) for m in models]
     if not loaded:
         raise MeshchopError("no model given")

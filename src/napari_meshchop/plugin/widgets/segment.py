@@ -43,6 +43,7 @@ from napari_meshchop.network import registry
 from napari_meshchop.network.inference import SegmentResult, available_devices, segment
 from napari_meshchop.plugin import layers, save
 from napari_meshchop.plugin.reader import prefer_for_nifti
+from napari_meshchop.plugin.widgets.export import add_export_button
 from napari_meshchop.plugin.widgets.feedback import (
     ActivityBar,
     Timer,
@@ -161,6 +162,7 @@ class SegmentWidget(Container):
         # Progress and messages span the dock's width, under the labelled inputs.
         self.extend([inputs, self._geometry, buttons, self._progress, self._status,
                      self._time, self._result, self._save])
+        add_export_button(self, self._model_to_export)
         fit_dock(self)
         self._image.value = next((c for c in self._image.choices if c is not None), None)
 
@@ -266,6 +268,14 @@ class SegmentWidget(Container):
         if not path.is_file():
             raise MeshchopError("choose a checkpoint file (.pt) first")
         return str(path)
+
+    def _model_to_export(self) -> str | None:
+        """The chosen model, when it is one model (an ensemble is not exported)."""
+        try:
+            choice = self.model_choice()
+        except MeshchopError:
+            return None
+        return choice if isinstance(choice, str) else None
 
     # ----------------------------------------------------------------- running
 

@@ -30,6 +30,7 @@ from napari_meshchop.data.folds import fold_ids
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Notice
 from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.plugin.widgets.export import add_export_button
 from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
@@ -160,6 +161,8 @@ class TrainWidget(Container):
         self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
         self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
         self.extend([self._search_box, self.search])
+        add_export_button(self, lambda: self.result.checkpoint if self.result else None,
+                          "Export the trained model...")
         fit_dock(self, grow=self.plot.canvas)
         self._advanced.changed.connect(lambda v: setattr(advanced, "visible", bool(v)))
         self._full.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
