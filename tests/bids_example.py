@@ -14,6 +14,7 @@ that puts each block's voxel at the centre of the voxels it averages. The datase
 
 Run ``python tests/bids_example.py FOLDER [--voxel-size 2] [--model MODEL.pt]`` to write
 them (the docs do; ``MESHCHOP_MIRROR`` must hold the sample scan and the model).
+:func:`bright_model` makes a MeshNet whose answer is known, for tests.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+
+from napari_meshchop.imaging.preprocess import PreprocessSpec
+from napari_meshchop.network import checkpoint, registry
+from napari_meshchop.network.model import Architecture, MeshNet
 
 GOOD = ("sub-01/ses-1/anat/sub-01_ses-1_T2w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz",
         "sub-02/anat/sub-02_run-1_T2w.nii.gz", "sub-02/anat/sub-02_run-2_T2w.nii.gz")
 BROKEN = "sub-02/anat/sub-02_acq-broken_T2w.nii.gz"
+SHARPNESS = 50.0  # of bright_model's sigmoid
 
 
 def downsample(img: nib.Nifti1Image, factor: int) -> nib.Nifti1Image:
@@ -53,8 +60,6 @@ def _save(img: nib.Nifti1Image, path: Path, dtype=np.uint8) -> Path:
 
 def scan(voxel: int = 4, source: str | Path | None = None) -> nib.Nifti1Image:
     if source is None:
-        from napari_meshchop.network import registry
-
         source = registry.fetch(registry.SAMPLE_SCAN)
     return downsample(nib.load(source), voxel)
 
@@ -87,14 +92,33 @@ def build(root: str | Path, voxel: int = 4, source: str | Path | None = None) ->
 
 def coarse_model(path: str | Path, voxel: float = 2.0, shape: int = 128) -> Path:
     """The pretrained MeshNet-26 on a ``shape``^3 grid of ``voxel`` mm (whole head at 2 mm)."""
-    from napari_meshchop.imaging.preprocess import PreprocessSpec
-    from napari_meshchop.network import checkpoint, registry
-
     ckpt = checkpoint.load(registry.fetch(registry.DEFAULT_MODEL))
     ckpt.preprocess = PreprocessSpec("ras-minmax", shape=(shape,) * 3, voxel_size=voxel)
     ckpt.provenance = {**ckpt.provenance, "note": f"{registry.DEFAULT_MODEL}'s weights on a "
                        f"{shape}^3 grid of {voxel:g} mm, for quick demos"}
     return ckpt.save(path)
+
+
+def bright_model(path: Path, t: float, voxel: int = 4) -> Path:
+    """A MeshNet that passes the scaled intensity through (identity convolutions, BatchNorm
+    that folds to identity) and whose head gives P(lesion) = sigmoid(50 (x - t)); its network
+    grid is the example's own at ``voxel`` mm, so what it finds is known exactly."""
+    model = MeshNet(Architecture(channels=2, dilations=(1, 2, 1)))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.conv.weight.zero_()
+            block.conv.bias.zero_()
+            block.conv.weight[0, 0, 1, 1, 1] = 1.0
+            block.bn.running_mean.zero_()
+            block.bn.running_var.fill_(1.0 - block.bn.eps)
+            block.bn.weight.fill_(1.0)
+            block.bn.bias.zero_()
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.weight[1, 0] = SHARPNESS
+        model.head.bias[1] = -SHARPNESS * t
+    spec = PreprocessSpec("ras-minmax", shape=(256 // voxel,) * 3, voxel_size=float(voxel))
+    return checkpoint.from_model(model.eval(), spec, note=f"bright > {t}").save(path)
 
 
 def main() -> None:

@@ -26,8 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from bids_example import BROKEN, GOOD
+from bids_example import BROKEN, GOOD, SHARPNESS, bright_model
 from matplotlib.image import imread
 from test_engine import postgres_url  # noqa: F401 - the shared PostgreSQL fixture
 
@@ -35,38 +34,13 @@ from napari_meshchop import events
 from napari_meshchop.cli import bids as bids_cli
 from napari_meshchop.cohort import derivatives, find, qc, run
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
-from napari_meshchop.imaging.preprocess import PreprocessSpec
-from napari_meshchop.network import checkpoint
-from napari_meshchop.network.model import Architecture, MeshNet
 
 ROOT = Path(__file__).resolve().parents[1]
 VOXEL = 4
-SHARPNESS = 50.0
 
 
 def keys_of(paths) -> list[str]:
     return [p.removesuffix(".nii.gz") for p in paths]
-
-
-def bright_model(path: Path, t: float) -> Path:
-    """A MeshNet that passes the scaled intensity through (identity convolutions, BatchNorm
-    that folds to identity) and whose head gives P(lesion) = sigmoid(50 (x - t))."""
-    model = MeshNet(Architecture(channels=2, dilations=(1, 2, 1)))
-    with torch.no_grad():
-        for block in model.blocks:
-            block.conv.weight.zero_()
-            block.conv.bias.zero_()
-            block.conv.weight[0, 0, 1, 1, 1] = 1.0
-            block.bn.running_mean.zero_()
-            block.bn.running_var.fill_(1.0 - block.bn.eps)
-            block.bn.weight.fill_(1.0)
-            block.bn.bias.zero_()
-        model.head.weight.zero_()
-        model.head.bias.zero_()
-        model.head.weight[1, 0] = SHARPNESS
-        model.head.bias[1] = -SHARPNESS * t
-    spec = PreprocessSpec("ras-minmax", shape=(256 // VOXEL,) * 3, voxel_size=float(VOXEL))
-    return checkpoint.from_model(model.eval(), spec, note=f"bright > {t}").save(path)
 
 
 def scaled(path: Path) -> np.ndarray:

@@ -104,7 +104,7 @@ def cmd_segment_many(args) -> int:
     cohort = find.file_images(inputs, exclude=args.output)
     stop = common.StopOnCtrlC()
     try:
-        result = _drive(run.segment_files(cohort, args.output, options(args), stop=stop),
+        result = _drive(run.both_levels(cohort, args.output, options(args), stop=stop),
                         len(cohort), args.quiet)
     finally:
         stop.restore()

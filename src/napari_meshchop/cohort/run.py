@@ -42,7 +42,7 @@ import torch
 from scipy import ndimage
 
 from napari_meshchop import files
-from napari_meshchop.cohort import derivatives, qc
+from napari_meshchop.cohort import derivatives, find, qc
 from napari_meshchop.cohort.derivatives import Measures, ModelRef, Record, Settings
 from napari_meshchop.cohort.find import Cohort, Image
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
@@ -474,8 +474,32 @@ def group(cohort: Cohort, out_dir: str | os.PathLike, stop: StopFlag = None
     return GroupResult(out, records, table, report)
 
 
-def segment_files(cohort: Cohort, out_dir: str | os.PathLike, options: Options = Options(),
-                  stop: StopFlag = None) -> Generator[Any, None, GroupResult]:
-    """Both levels in one: every image, then the table, the plot and the report."""
+def both_levels(cohort: Cohort, out_dir: str | os.PathLike, options: Options = Options(),
+                stop: StopFlag = None) -> Generator[Any, None, GroupResult]:
+    """Every image, then the table, the plot and the report (``meshchop segment`` of files
+    and folders, the napari cohort panel)."""
     yield from participant(cohort, out_dir, options, stop=stop)
     return (yield from group(cohort, out_dir, stop))
+
+
+def find_and_segment(source: str | os.PathLike, out_dir: str | os.PathLike,
+                     options: Options = Options(), suffix: str = "T2w",
+                     stop: StopFlag = None) -> Generator[Any, None, GroupResult]:
+    """A BIDS dataset's ``suffix`` images, or every NIfTI file under a folder, through
+    :func:`both_levels`; yields the :class:`Cohort` once found (the panel sizes its table)."""
+    yield Progress("find", 0, 1, f"looking for images in {source}")
+    if find.is_bids(source):
+        cohort = find.bids_images(source, suffix=suffix)
+    else:
+        cohort = find.file_images([source], exclude=out_dir)
+    yield cohort
+    return (yield from both_levels(cohort, out_dir, options, stop))
+
+
+def default_output(source: str | os.PathLike) -> Path:
+    """Where a cohort's outputs go unless told: ``derivatives/meshchop`` inside a BIDS
+    dataset (the convention), else a folder beside the input folder."""
+    source = Path(source).expanduser()
+    if find.is_bids(source):
+        return source / "derivatives" / "meshchop"
+    return source.with_name(f"{source.name}-meshchop")

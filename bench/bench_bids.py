@@ -1,0 +1,133 @@
+"""A cohort in one process against the network pass alone.
+
+N copies of the real sample scan (256^3, 1 mm: as stored, reoriented to PSR, moved 12 mm)
+form a BIDS dataset; the pretrained MeshNet-26's weights run on a ``--grid``^3 network grid
+covering the 256 mm field of view. Three timings, in one process, on the same images:
+
+- network alone: ``FusedMeshNet.lesion_probability`` on each image's prepared volume, the
+  model built once (measured before and after the others; their mean is the baseline);
+- sequential: the cohort's own steps, one after the other (read and preprocess, network,
+  map back and write with the QC mosaic);
+- pipelined: ``cohort.run.participant`` as ``meshchop bids`` runs it, reading ahead and
+  writing behind in threads while the network runs.
+
+Run from the repository root (MESHCHOP_MIRROR must hold the sample scan and the model)::
+
+    python bench/bench_bids.py --images 3 --grid 160
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def dataset(root: Path, n: int) -> Path:
+    from napari_meshchop.network import registry
+
+    scan = nib.load(registry.fetch(registry.SAMPLE_SCAN))
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "bench", "BIDSVersion": "1.10.0"}))
+    psr = nib.orientations.ornt_transform(nib.orientations.io_orientation(scan.affine),
+                                          nib.orientations.axcodes2ornt("PSR"))
+    for i in range(n):
+        img = scan
+        if i % 3 == 1:
+            img = scan.as_reoriented(psr)
+        elif i % 3 == 2:
+            moved = scan.affine.copy()
+            moved[0, 3] += 12.0
+            img = nib.Nifti1Image(np.asarray(scan.dataobj), moved)
+        path = root / f"sub-{i + 1:02d}" / "anat" / f"sub-{i + 1:02d}_T2w.nii.gz"
+        path.parent.mkdir(parents=True)
+        nib.save(img, path)
+    return root
+
+
+def model(path: Path, grid: int) -> Path:
+    from napari_meshchop.imaging.preprocess import PreprocessSpec
+    from napari_meshchop.network import checkpoint, registry
+
+    ckpt = checkpoint.load(registry.fetch(registry.DEFAULT_MODEL))
+    ckpt.preprocess = PreprocessSpec("ras-minmax", shape=(grid,) * 3, voxel_size=256 / grid)
+    return ckpt.save(path)
+
+
+def network_alone(cohort, segmenter) -> float:
+    from napari_meshchop import events
+    from napari_meshchop.cohort import run
+
+    seconds = 0.0
+    for image in cohort.images:
+        volume = run.load(image, segmenter).prepared.volume
+        start = time.perf_counter()
+        events.run(segmenter.predict(volume))
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def sequential(cohort, segmenter, out: Path) -> float:
+    from napari_meshchop import events
+    from napari_meshchop.cohort import run
+
+    start = time.perf_counter()
+    for image in cohort.images:
+        loaded = run.load(image, segmenter)
+        output = events.run(segmenter.predict(loaded.prepared.volume))
+        run.write(loaded, output, out, segmenter.settings, segmenter.device.type)
+    return time.perf_counter() - start
+
+
+def pipelined(cohort, options, out: Path) -> tuple[float, list]:
+    from napari_meshchop import events
+    from napari_meshchop.cohort import run
+
+    start = time.perf_counter()
+    result = events.run(run.participant(cohort, out, options))
+    return time.perf_counter() - start, result.records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=3)
+    p.add_argument("--grid", type=int, default=160, help="network grid N^3 (default 160)")
+    args = p.parse_args()
+    import torch
+
+    from napari_meshchop.cohort import find, run
+
+    work = Path(tempfile.mkdtemp(prefix="meshchop-bench-bids-"))
+    try:
+        cohort = find.bids_images(dataset(work / "bids", args.images))
+        options = run.Options((str(model(work / "model.pt", args.grid)),), "cpu")
+        segmenter = run.Segmenter(options)
+        before = network_alone(cohort, segmenter)
+        seq = sequential(cohort, segmenter, work / "sequential")
+        pipe, records = pipelined(cohort, options, work / "pipelined")
+        after = network_alone(cohort, segmenter)
+        assert all(r.ok for r in records), records
+        base = (before + after) / 2
+        n = args.images
+        print(f"{n} images, network grid {args.grid}^3, torch threads {torch.get_num_threads()}")
+        print(f"network alone: {before:.1f} s before, {after:.1f} s after "
+              f"(per image {base / n:.1f} s)")
+        print(f"sequential:    {seq:.1f} s = {seq / base:.3f} x the network alone")
+        print(f"pipelined:     {pipe:.1f} s = {pipe / base:.3f} x the network alone "
+              "(target <= 1.1)")
+        print("lesion mL: " + ", ".join(f"{r.measures.lesion_ml:.1f}" for r in records))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
