@@ -533,12 +533,15 @@ def test_meshchop_bids_prints_a_line_per_image_and_says_when_some_failed(
     out = tmp_path / "out"
     assert cli(dataset, out, "participant", "--participant-label", "01", "--model",
                models["one"], "--device", "cpu", "-q") == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert sum("mL" in line for line in lines) == 2 and "next: meshchop bids" in lines[-1]
+    printed = capsys.readouterr()  # a line per image on stderr (with the bars), the end on stdout
+    assert sum(" mL " in line for line in printed.err.splitlines()) == 2
+    assert printed.out.splitlines() == [
+        "2 images: 2 segmented", f"next: meshchop bids {dataset} {out} group"]
     assert cli(dataset, out, "participant", "--model", models["one"], "--device", "cpu",
                "-q") == 1
-    text = capsys.readouterr().out
-    assert text.count("done earlier") == 2 and "failed: " in text
+    printed = capsys.readouterr()
+    assert printed.err.count("(done earlier)") == 2 and "failed: " in printed.err
+    assert printed.out.startswith("5 images: 4 segmented (2 earlier), 1 failed")
     with pytest.raises(MeshchopError, match="no participant 07"):
         cli(dataset, out, "participant", "--participant-label", "07", "-q")
     with pytest.raises(InputError, match="run the participant level first"):

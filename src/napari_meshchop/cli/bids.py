@@ -8,21 +8,13 @@ the output and in lesions.tsv), 2 for an error that stopped the run, 130 when st
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-from tqdm import tqdm
-
-from napari_meshchop import cli as common  # drive's helpers; attributes read at call time
-from napari_meshchop.cohort import find, run
-from napari_meshchop.cohort.derivatives import Record
+from napari_meshchop.cli.progress import StopOnCtrlC, drive, say
 from napari_meshchop.errors import Cancelled
-from napari_meshchop.events import Progress
 from napari_meshchop.network import registry
+from napari_meshchop.network.devices import DEVICES
 from napari_meshchop.studies import engine
-from napari_meshchop.training.loop import Notice
 
-DEVICES = ["auto", "cpu", "cuda", "mps"]
 KEY_WIDTH = 36  # image names are padded to this in the per-image lines
 
 
@@ -71,24 +63,29 @@ def add_segment_flags(p: argparse.ArgumentParser) -> None:
                    help="also write P(lesion) (and an ensemble's disagreement) as probseg")
 
 
-def options(args) -> run.Options:
+def options(args):
+    from napari_meshchop.cohort import run  # deferred: torch
+
     return run.Options(tuple(str(m) for m in (args.model or [registry.DEFAULT_MODEL])),
                        args.device, getattr(args, "threshold", 0.5),
                        getattr(args, "save_probability", False))
 
 
 def cmd_bids(args) -> int:
+    from napari_meshchop.cohort import find, run  # deferred: pybids, nibabel, torch
+
     cohort = find.bids_images(args.bids_dir, args.participant_label, args.session_label,
                               args.suffix)
     if args.analysis_level == "group":
-        return _group(cohort, args.output_dir, args.quiet)
-    stop = common.StopOnCtrlC()
-    try:
+        result = drive(run.group(cohort, args.output_dir), args.quiet)
+        print(f"{len(result.records)} images: {result.count('done')} segmented, "
+              f"{result.count('failed')} failed, {result.count('missing')} not segmented yet")
+        print(f"table: {result.table}\nreport: {result.report}")
+        return 0
+    with StopOnCtrlC() as stop:
         result = _drive(run.participant(cohort, args.output_dir, options(args), args.storage,
                                         args.study, args.heartbeat, args.grace, stop=stop),
-                        len(cohort), args.quiet)
-    finally:
-        stop.restore()
+                        args.quiet)
     if result is None:
         return 130
     print(_summary(result.records))
@@ -100,14 +97,13 @@ def cmd_bids(args) -> int:
 def cmd_segment_many(args) -> int:
     """`meshchop segment IN [IN ...] -o OUTDIR`: each file, and each NIfTI file under each
     folder, segmented into OUTDIR (folders' layout kept), then lesions.tsv and report.html."""
+    from napari_meshchop.cohort import find, run  # deferred: nibabel, torch
+
     inputs = args.input if isinstance(args.input, list) else [args.input]
     cohort = find.file_images(inputs, exclude=args.output)
-    stop = common.StopOnCtrlC()
-    try:
+    with StopOnCtrlC() as stop:
         result = _drive(run.both_levels(cohort, args.output, options(args), stop=stop),
-                        len(cohort), args.quiet)
-    finally:
-        stop.restore()
+                        args.quiet)
     if result is None:
         return 130
     print(_summary(result.records))
@@ -115,49 +111,18 @@ def cmd_segment_many(args) -> int:
     return 1 if result.count("failed") else 0
 
 
-def _group(cohort, out_dir, quiet: bool) -> int:
-    result = common.drive(run.group(cohort, out_dir), quiet)
-    print(f"{len(result.records)} images: {result.count('done')} segmented, "
-          f"{result.count('failed')} failed, {result.count('missing')} not segmented yet")
-    print(f"table: {result.table}\nreport: {result.report}")
-    return 0
+def _drive(job, quiet: bool):
+    """Run a cohort job on the terminal, a line per image; None when stopped."""
+    from napari_meshchop.cohort.run import ImageDone  # deferred: torch
 
-
-def _drive(job, total: int, quiet: bool):
-    """Run a cohort job: one line per image, a bar for the images and one for the network;
-    None when stopped."""
-    bars = [] if quiet else [
-        tqdm(total=total, unit="image", file=sys.stderr, leave=False, position=0,
-             dynamic_ncols=True),
-        tqdm(total=1, unit="step", file=sys.stderr, leave=False, position=1,
-             dynamic_ncols=True)]
     try:
-        while True:
-            try:
-                event = next(job)
-            except StopIteration as finished:
-                return finished.value
-            if isinstance(event, run.ImageDone):
-                tqdm.write(image_line(event.record), file=sys.stdout)
-                if bars:
-                    bars[0].total, bars[0].n = event.total, event.done
-                    bars[0].refresh()
-            elif isinstance(event, Notice):
-                tqdm.write(f"meshchop: {event.message}", file=sys.stderr)
-            elif bars and isinstance(event, Progress):
-                bars[1].total, bars[1].n = event.total, event.done
-                bars[1].set_description_str(f"{event.stage}: {Path(event.message).name}"[:40])
-                bars[1].refresh()
+        return drive(job, quiet, lines={ImageDone: lambda event: image_line(event.record)})
     except (Cancelled, KeyboardInterrupt):
-        print("meshchop: stopped; finished images are kept: run the same command again to "
-              "go on", file=sys.stderr)
+        say("meshchop: stopped; finished images are kept: run the same command again to go on")
         return None
-    finally:
-        for bar in reversed(bars):
-            bar.close()
 
 
-def image_line(record: Record) -> str:
+def image_line(record) -> str:
     """One image's line: its key, then its volume and components, or why it failed."""
     if record.status == "failed":
         return f"{record.image.key:<{KEY_WIDTH}}  failed: {record.error}"
@@ -169,7 +134,7 @@ def image_line(record: Record) -> str:
     return f"{record.image.key:<{KEY_WIDTH}}  {'  '.join(parts)}  ({when})"
 
 
-def _summary(records: list[Record]) -> str:
+def _summary(records) -> str:
     done = [r for r in records if r.ok]
     reused = sum(r.reused for r in done)
     failed = len(records) - len(done)

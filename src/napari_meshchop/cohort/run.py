@@ -46,7 +46,17 @@ from napari_meshchop.cohort import derivatives, find, qc
 from napari_meshchop.cohort.derivatives import Measures, ModelRef, Record, Settings
 from napari_meshchop.cohort.find import Cohort, Image
 from napari_meshchop.errors import Cancelled, InputError, MeshchopError
-from napari_meshchop.events import Progress, StopFlag, check_stop
+from napari_meshchop.events import (
+    Claimed,
+    Finished,
+    Notice,
+    Progress,
+    StopFlag,
+    Waiting,
+    check_stop,
+    relay,
+)
+from napari_meshchop.imaging.geometry import voxel_volume_ml
 from napari_meshchop.imaging.nifti import load_volume, save_mask, save_probability
 from napari_meshchop.imaging.preprocess import Prepared, prepare, to_source
 from napari_meshchop.network import checkpoint, registry
@@ -55,10 +65,8 @@ from napari_meshchop.network.inference import (
     EnsembleOutput,
     load_predictor,
     resolve_device,
-    voxel_volume_ml,
 )
 from napari_meshchop.studies import engine
-from napari_meshchop.training.loop import Notice
 
 STUDY_KIND = "napari-meshchop/cohort"
 # A .part file this old is a dead writer's: writers of the same folder (other array jobs,
@@ -176,7 +184,7 @@ class Loaded:
     image: Image
     img: nib.Nifti1Image
     prepared: Prepared
-    started: float
+    seconds: float  # this image's own work so far (reading, preprocessing, the network)
 
 
 def load(image: Image, segmenter: Segmenter) -> Loaded:
@@ -189,7 +197,7 @@ def load(image: Image, segmenter: Segmenter) -> Loaded:
     except Exception as exc:  # noqa: BLE001 - an odd header (a singular affine, say)
         raise InputError(image.path, f"cannot be preprocessed ({type(exc).__name__}: "
                          f"{exc})") from None
-    return Loaded(image, img, prepared, started)
+    return Loaded(image, img, prepared, time.perf_counter() - started)
 
 
 def measure(mask: np.ndarray, affine: np.ndarray, disagree: np.ndarray | None = None
@@ -205,6 +213,7 @@ def write(loaded: Loaded, output: EnsembleOutput, out_dir: Path, settings: Setti
           device: str) -> Record:
     """Map the network's output back to the image's grid and write its files, the
     sidecar last (the writer thread's work)."""
+    started = time.perf_counter()
     image, prepared, affine = loaded.image, loaded.prepared, loaded.img.affine
     where = derivatives.outputs(image, out_dir)
     prob = to_source(output.mean, prepared)
@@ -237,7 +246,7 @@ def write(loaded: Loaded, output: EnsembleOutput, out_dir: Path, settings: Setti
         np.asarray(loaded.img.dataobj), affine, mask, title)))
     for stale in derivatives.stale_files(where, [*written, where.sidecar]):
         stale.unlink(missing_ok=True)
-    seconds = time.perf_counter() - loaded.started
+    seconds = loaded.seconds + time.perf_counter() - started
     files.write_json(where.sidecar, derivatives.mask_sidecar(image, settings, measures, device,
                                                              seconds))
     return Record(image, "done", measures, settings.model_label, seconds=seconds, device=device)
@@ -318,6 +327,17 @@ def _segment(todo: Sequence[Image], segmenter: Segmenter, out_dir: Path, counter
         records.append(record)
         return counter.event(record)
 
+    current = ""
+
+    def named(event):  # the network's steps, and the last image's end as soon as it is
+        nonlocal writing
+        out = [Progress(event.stage, event.done, event.total, current)
+               if type(event) is Progress else event]
+        if writing is not None and writing.done():
+            out.append(finished(writing))
+            writing = None
+        return out
+
     try:
         for i, image in enumerate(todo):
             try:
@@ -330,18 +350,9 @@ def _segment(todo: Sequence[Image], segmenter: Segmenter, out_dir: Path, counter
                 yield counter.event(loaded)
                 continue
             check_stop(stop)
-            job = segmenter.predict(loaded.prepared.volume, stop)
-            while True:
-                try:
-                    event = next(job)
-                except StopIteration as end:
-                    output = end.value
-                    break
-                yield (Progress(event.stage, event.done, event.total, image.key)
-                       if type(event) is Progress else event)
-                if writing is not None and writing.done():
-                    yield finished(writing)
-                    writing = None
+            current, started = image.key, time.perf_counter()
+            output = yield from relay(segmenter.predict(loaded.prepared.volume, stop), named)
+            loaded.seconds += time.perf_counter() - started
             loaded.prepared.volume = None  # the network's copy is no longer needed
             if writing is not None:
                 yield finished(writing)
@@ -426,27 +437,23 @@ def _shared(cohort: Cohort, out: Path, segmenter: Segmenter, storage, study: str
         records.extend((yield from _segment(todo, segmenter, out, counter, halt)))
         return 1.0 if records[-1].ok else 0.0
 
-    job = engine.work(shared, run_unit, stop)
     running = None
-    while True:
-        try:
-            event = next(job)
-        except StopIteration as end:
-            outcome = end.value
-            break
-        if isinstance(event, engine.Claimed):
+
+    def told(event):  # the engine's events as lines for the user
+        nonlocal running
+        if isinstance(event, Claimed):
             again = f" (again: trial {event.origin}'s worker stopped)" if event.resumed else ""
-            yield Notice(f"{event.unit['image']}: claimed as trial {event.number}{again}")
-        elif isinstance(event, engine.Finished):
-            if event.state not in ("COMPLETE", "REQUEUED"):
-                yield Notice(f"{event.unit['image']}: {event.state.lower()} "
-                             f"(trial {event.number})")
-        elif isinstance(event, engine.Waiting):
-            if event.running != running:
-                yield Notice(f"waiting for {event.running} image(s) on other workers")
-            running = event.running
-        else:
-            yield event
+            return Notice(f"{event.unit['image']}: claimed as trial {event.number}{again}")
+        if isinstance(event, Finished):
+            return None if event.state in ("COMPLETE", "REQUEUED") else Notice(
+                f"{event.unit['image']}: {event.state.lower()} (trial {event.number})")
+        if isinstance(event, Waiting):
+            seen, running = running, event.running
+            return None if seen == event.running else Notice(
+                f"waiting for {event.running} image(s) on other workers")
+        return event
+
+    outcome = yield from relay(engine.work(shared, run_unit, stop), told)
     if outcome.stopped:
         raise Cancelled("stopped; an interrupted image goes back to the study for any worker")
     return records
