@@ -136,16 +136,17 @@ def report_html(out_dir: str | os.PathLike, records: Sequence[Record], title: st
     out = Path(out_dir)
     counts = {s: sum(r.status == s for r in records) for s in derivatives.STATUSES}
     e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-             f"<style>{_STYLE}</style></head><body>",
-             f"<h1>{e(title)}</h1>",
-             f"<p>{len(records)} images: {counts['done']} segmented, {counts['failed']} "
-             f"failed, {counts['missing']} not segmented yet. Made by napari-meshchop "
-             f"{e(__version__)}; the mask's red outline is drawn over axial slices through "
-             "the lesion, the patient's right on the right.</p>",
+    head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>")
+    summary = (f"<p>{len(records)} images: {counts['done']} segmented, {counts['failed']} "
+               f"failed, {counts['missing']} not segmented yet. Made by napari-meshchop "
+               f"{e(__version__)}; the mask's red outline is drawn over axial slices through "
+               "the lesion, the patient's right on the right.</p>")
+    header = ("<h2>Images</h2><table><tr><th>image</th><th>lesion (mL)</th><th>voxels</th>"
+              "<th>components</th><th>model</th><th>status</th></tr>")
+    parts = [head, f"<h1>{e(title)}</h1>", summary,
              f"<img src='{e(derivatives.VOLUME_PLOT)}' alt='lesion volumes' width='800'>",
-             "<h2>Images</h2><table><tr><th>image</th><th>lesion (mL)</th><th>voxels</th>"
-             "<th>components</th><th>model</th><th>status</th></tr>"]
+             header]
     for i, r in enumerate(records):
         m = r.measures
         name = f"<a href='#image-{i}'>{e(r.image.key)}</a>" if r.ok else e(r.image.key)

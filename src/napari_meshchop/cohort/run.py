@@ -226,19 +226,17 @@ def write(loaded: Loaded, output: EnsembleOutput, out_dir: Path, settings: Setti
     where.sidecar.unlink(missing_ok=True)
     written = [save_mask(mask, affine, where.mask)]
     if settings.probability:
-        written.append(save_probability(prob, affine, where.probseg))
-        written.append(files.write_json(derivatives.sidecar_of(where.probseg),
-                                        derivatives.probseg_sidecar(
-                                            image, settings, "P(lesion): the mean of the "
-                                            "models' softmax outputs" if len(settings.models) > 1
-                                            else "P(lesion): the model's softmax output")))
+        what = ("P(lesion): the mean of the models' softmax outputs" if output.sd is not None
+                else "P(lesion): the model's softmax output")
+        maps = [(where.probseg, prob, what)]
         if output.sd is not None:
-            sd = to_source(output.sd, prepared)
-            written.append(save_probability(sd, affine, where.disagreement))
-            written.append(files.write_json(derivatives.sidecar_of(where.disagreement),
-                                            derivatives.probseg_sidecar(
-                                                image, settings, "Disagreement: the standard "
-                                                "deviation of the models' P(lesion)")))
+            maps.append((where.disagreement, to_source(output.sd, prepared),
+                         "Disagreement: the standard deviation of the models' P(lesion)"))
+        for path, values, what in maps:
+            written.append(save_probability(values, affine, path))
+            written.append(files.write_json(derivatives.sidecar_of(path),
+                                            derivatives.probseg_sidecar(image, settings, what)))
+        del maps
     del prob
     title = (f"{image.key}: {measures.lesion_ml:.2f} mL, {measures.components} "
              f"component{'s' * (measures.components != 1)}")
