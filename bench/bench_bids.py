@@ -11,6 +11,11 @@ covering the 256 mm field of view. Three timings, in one process, on the same im
 - pipelined: ``cohort.run.participant`` as ``meshchop bids`` runs it, reading ahead and
   writing behind in threads while the network runs.
 
+The sequential run also counts the CPU seconds of each stage (all threads): unlike the wall
+times, they do not change when other work shares the machine. With the network using every
+core, the pipelined run cannot take less than (network + the rest) / network of the network's
+time, and takes about that when the threads share the cores evenly.
+
 Run from the repository root (MESHCHOP_MIRROR must hold the sample scan and the model)::
 
     python bench/bench_bids.py --images 3 --grid 160 --rounds 2
@@ -74,16 +79,25 @@ def network_alone(cohort, segmenter) -> float:
     return seconds
 
 
-def sequential(cohort, segmenter, out: Path) -> float:
+def sequential(cohort, segmenter, out: Path) -> tuple[float, dict]:
+    """The cohort's steps one after another: the wall time, and the CPU seconds (all the
+    process's threads) of each stage, which other load on the machine does not change."""
     from napari_meshchop import events
     from napari_meshchop.cohort import run
 
+    cpu = {"read": 0.0, "network": 0.0, "write": 0.0}
     start = time.perf_counter()
     for image in cohort.images:
+        t = time.process_time()
         loaded = run.load(image, segmenter)
+        cpu["read"] += time.process_time() - t
+        t = time.process_time()
         output = events.run(segmenter.predict(loaded.prepared.volume))
+        cpu["network"] += time.process_time() - t
+        t = time.process_time()
         run.write(loaded, output, out, segmenter.settings, segmenter.device.type)
-    return time.perf_counter() - start
+        cpu["write"] += time.process_time() - t
+    return time.perf_counter() - start, cpu
 
 
 def pipelined(cohort, options, out: Path) -> tuple[float, list]:
@@ -113,7 +127,8 @@ def main() -> None:
         segmenter = run.Segmenter(options)
         alone, seqs, pipes = [network_alone(cohort, segmenter)], [], []
         for r in range(args.rounds):
-            seqs.append(sequential(cohort, segmenter, work / f"sequential{r}"))
+            seconds, cpu = sequential(cohort, segmenter, work / f"sequential{r}")
+            seqs.append(seconds)
             seconds, records = pipelined(cohort, options, work / f"pipelined{r}")
             pipes.append(seconds)
             assert all(rec.ok for rec in records), records
@@ -131,6 +146,10 @@ def main() -> None:
         best = min(alone)
         print(f"fastest: network alone {best:.1f} s ({best / n:.1f} s an image); sequential "
               f"{min(seqs) / best:.3f} x; pipelined {min(pipes) / best:.3f} x (target <= 1.1)")
+        other = cpu["read"] + cpu["write"]
+        print(f"CPU seconds an image (last round): read and preprocess {cpu['read'] / n:.2f}, "
+              f"network {cpu['network'] / n:.1f}, map back and write {cpu['write'] / n:.2f}: "
+              f"the work besides the network is {other / cpu['network']:.3f} of the network's")
         print("lesion mL: " + ", ".join(f"{r.measures.lesion_ml:.1f}" for r in records))
     finally:
         shutil.rmtree(work, ignore_errors=True)
