@@ -418,7 +418,8 @@ def _shared(cohort: Cohort, out: Path, segmenter: Segmenter, storage, study: str
     its worker's heartbeat stopped. A worker reads, segments and writes one image at a time,
     and stays until no image is left anywhere."""
     name = study or study_name(cohort, segmenter.settings)
-    shared, _ = engine.open_study(engine.open_storage(storage, heartbeat, grace), name,
+    opened = engine.open_storage(storage, heartbeat, grace)
+    shared, _ = engine.open_study(opened, name,
                                   [{"image": image.key} for image in cohort.images],
                                   study_meta(cohort, segmenter.settings))
     by_key = {image.key: image for image in cohort.images}
@@ -451,7 +452,7 @@ def _shared(cohort: Cohort, out: Path, segmenter: Segmenter, storage, study: str
                 f"waiting for {event.running} image(s) on other workers")
         return event
 
-    outcome = yield from relay(engine.work(shared, run_unit, stop), told)
+    outcome = yield from relay(engine.work(opened, shared, run_unit, stop), told)
     if outcome.stopped:
         raise Cancelled("stopped; an interrupted image goes back to the study for any worker")
     return records

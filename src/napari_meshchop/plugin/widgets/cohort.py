@@ -8,7 +8,8 @@ worker). Stop ends the run at the next network layer, keeping the finished image
 again resumes: finished images are read back from their sidecars, not segmented again.
 
 ``CohortPanel`` is a magicgui ``Container`` (its ``.native`` is the QWidget): a dock widget
-of its own, or a part of another widget.
+of its own, or, built with ``dock=False``, a part of another widget (which then fits the
+dock). Taken out of its dock, or deleted with the window, it stops its run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.evaluate import NumberItem
 from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.layout import fit_dock, when_closed
 
 if TYPE_CHECKING:
     import napari
@@ -56,19 +58,23 @@ LESION_RGBA = (1.0, 0.3, 0.1, 1.0)
 
 def image_layers(record: Record, out_dir: Path):
     """The worker's job when a row is selected: the scan and (when done) its mask as layer
-    data with the reader's transform."""
-    found = [("scan", *read_layer(record.image.path)[:2])]
-    if record.ok:
-        data, kwargs, _ = read_layer(derivatives.outputs(record.image, out_dir).mask)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("colormap", "contrast_limits")}
-        found.append(("mask", (np.asarray(data) > 0).astype(np.uint8), kwargs))
-    return found
+    data with the reader's transform. A failed image's scan, when it can be read at all."""
+    if not record.ok:
+        try:
+            return [("scan", *read_layer(record.image.path)[:2])]
+        except Exception:  # noqa: BLE001 - its row already says why it failed
+            return []
+    data, kwargs, _ = read_layer(derivatives.outputs(record.image, out_dir).mask)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("colormap", "contrast_limits")}
+    return [("scan", *read_layer(record.image.path)[:2]),
+            ("mask", (np.asarray(data) > 0).astype(np.uint8), kwargs)]
 
 
 class CohortPanel(Container):
-    def __init__(self, viewer: napari.viewer.Viewer):
+    def __init__(self, viewer: napari.viewer.Viewer, dock: bool = True):
         super().__init__(labels=False)
         self._viewer = viewer
+        self.closed = False  # taken out of its dock: the worker's signals change nothing
         self.worker = None  # the cohort run's thread worker, or None
         self.loader = None  # the worker reading a selected row's files, or None
         self._stop = threading.Event()
@@ -112,11 +118,14 @@ class CohortPanel(Container):
         self.table.setWordWrap(False)
         self.table.setMinimumHeight(180)
         self.native.layout().addWidget(self.table)
+        if dock:
+            fit_dock(self, grow=self.table)
 
         self._model.changed.connect(self._on_model)
         self._run.clicked.connect(self.toggle)
         self._report.clicked.connect(self.open_report)
         self.table.itemSelectionChanged.connect(self._on_select)
+        when_closed(self, self._on_closed)
         self._restore_settings()
         self._on_model()
 
@@ -186,7 +195,15 @@ class CohortPanel(Container):
             self._run.text = "Stopping..."
             self._run.enabled = False
 
+    def _on_closed(self, destroyed: bool) -> None:
+        """Out of its dock, or deleted with the window: the run stops after its network
+        layer (finished images stay on disk), and no widget is touched from now on."""
+        self.closed = True
+        self._stop.set()
+
     def _on_event(self, event) -> None:
+        if self.closed:
+            return
         if isinstance(event, find.Cohort):
             self._progress.max, self._progress.value = max(len(event), 1), 0
             self._status.value = f"{len(event)} images; results go to {self.out_dir}"
@@ -224,6 +241,8 @@ class CohortPanel(Container):
         self.table.resizeColumnsToContents()
 
     def _on_result(self, result: run.GroupResult) -> None:
+        if self.closed:
+            return
         self.report = result.report
         self._report.enabled = True
         failed = result.count("failed")
@@ -233,6 +252,8 @@ class CohortPanel(Container):
                               + f". Table and report in {result.out_dir}.")
 
     def _on_error(self, exc: Exception) -> None:
+        if self.closed:
+            return
         if isinstance(exc, Cancelled):
             self._status.value = (f"Stopped after {len(self.records)} images; they are kept. "
                                   "Run again to go on.")
@@ -242,7 +263,8 @@ class CohortPanel(Container):
 
     def _on_finished(self) -> None:
         self.worker = None
-        self._set_running(False)
+        if not self.closed:
+            self._set_running(False)
 
     def _set_running(self, running: bool) -> None:
         self._run.text = "Stop" if running else "Run"
