@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from napari_meshchop import __version__
-from napari_meshchop.cli import data, evaluate, export, segment, studies, train
+from napari_meshchop.cli import bids, data, evaluate, export, segment, studies, train
 from napari_meshchop.errors import Cancelled, MeshchopError
 
-GROUPS = (segment, data, train, evaluate, studies, export)
+GROUPS = (segment, bids, data, train, evaluate, studies, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from napari_meshchop.cli.bids import add_segment_flags, cmd_segment_many
 from napari_meshchop.cli.progress import drive
+from napari_meshchop.errors import MeshchopError
 from napari_meshchop.network import registry
-from napari_meshchop.network.devices import DEVICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("segment", help="segment the stroke lesion in a NIfTI MRI")
-    s.add_argument("input", help="a 3D NIfTI image (.nii or .nii.gz)")
-    s.add_argument("-o", "--output", required=True, help="where to write the lesion mask (.nii.gz)")
-    s.add_argument("--model", action="append", default=None,
-                   help="a checkpoint file or a pretrained name (default "
-                   f"{registry.DEFAULT_MODEL}); repeat it for an ensemble of several")
-    s.add_argument("--device", default="auto", choices=DEVICES)
+    s = sub.add_parser("segment", help="segment the stroke lesion in a NIfTI MRI, or in "
+                       "several (files or folders, with -o OUTDIR)")
+    s.add_argument("input", nargs="+", help="a 3D NIfTI image (.nii or .nii.gz); several, or "
+                   "folders of them, are a cohort written into the folder -o names")
+    s.add_argument("-o", "--output", required=True, help="where to write the lesion mask "
+                   "(.nii.gz); for a cohort, the folder of masks, lesions.tsv and report.html")
+    add_segment_flags(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=segment)
 
@@ -36,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def segment(args) -> int:
+    """One scan into one mask file; several scans, or folders, into a folder."""
+    # A name with a suffix is a mask file (checked to be NIfTI further on); else a folder.
+    to_file = Path(args.output).suffix != "" and not Path(args.output).is_dir()
+    folder = next((p for p in args.input if Path(p).is_dir()), None)
+    if to_file and folder is not None:
+        raise MeshchopError(f"{folder}: is a folder; to segment the images in it, give -o "
+                            "a folder for their masks")
+    if len(args.input) > 1 or not to_file:
+        return cmd_segment_many(args)
+    if args.threshold != 0.5 or args.save_probability:
+        raise MeshchopError("--threshold and --save-probability are for a cohort: give "
+                            "-o a folder")
+    args.input = args.input[0]
     from napari_meshchop.network.inference import segment_file  # deferred: torch
 
     models_ = args.model or [registry.DEFAULT_MODEL]

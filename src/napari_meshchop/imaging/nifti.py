@@ -135,6 +135,17 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> 
     return save_atomic(img, path)
 
 
+def save_probability(values: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write values in [0, 1] (a probability) atomically as uint8 with scl_slope 1/255:
+    readers get the value back within 1/510, and an empty background compresses away."""
+    levels = np.clip(np.rint(np.asarray(values, dtype=np.float32) * 255), 0, 255)
+    img = nib.Nifti1Image(levels.astype(np.uint8), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_slope_inter(1 / 255, 0)
+    return save_atomic(img, path)
+
+
 def save_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Write ``img`` to ``path`` (.nii or .nii.gz) so that it appears only when complete."""
     path = Path(path)

@@ -60,15 +60,50 @@ class Ensemble:
 
     def lesion_probability(self, volume: np.ndarray, stop: StopFlag = None
                            ) -> Generator[Progress, None, np.ndarray]:
-        total, offset, mean = self.n_steps, 0, None
+        return (yield from self.lesion_statistics(volume, stop=stop, spread=False)).mean
+
+    def lesion_statistics(self, volume: np.ndarray, threshold: float = 0.5,
+                          stop: StopFlag = None, spread: bool = True
+                          ) -> Generator[Progress, None, EnsembleOutput]:
+        """The members' mean P(lesion); with ``spread``, also its standard deviation over
+        the members (population SD, Welford's update in float32) and the voxels where they
+        disagree (some members above ``threshold``, some not). All on the network grid."""
+        total, offset, n = self.n_steps, 0, 0
+        mean = m2 = votes = None
         for member in self.members:
             prob = yield from _rebase(member.lesion_probability(volume, stop), offset, total)
             offset += member.n_steps
-            mean = prob if mean is None else np.add(mean, prob, out=mean)
+            n += 1
+            if mean is None:
+                mean = prob
+                if spread:
+                    m2 = np.zeros_like(prob)
+                    votes = (prob > threshold).astype(np.uint8)
+                continue
+            if spread:
+                votes += prob > threshold
+                delta = prob - mean
+                mean += delta / np.float32(n)
+                prob -= mean  # now x - new mean
+                m2 += delta * prob
+                del delta
+            else:
+                mean += prob
             del prob
-        if len(self.members) > 1:
-            mean /= np.float32(len(self.members))
-        return mean
+        if not spread:
+            mean /= np.float32(n)
+            return EnsembleOutput(mean)
+        sd = np.sqrt(np.maximum(m2 / np.float32(n), 0, out=m2), out=m2)
+        return EnsembleOutput(mean, sd, (votes > 0) & (votes < n))
+
+
+@dataclass
+class EnsembleOutput:
+    """What an ensemble says about each voxel of the network grid."""
+
+    mean: np.ndarray  # mean P(lesion), float32
+    sd: np.ndarray | None = None  # its standard deviation over the members, float32
+    disagree: np.ndarray | None = None  # bool: the members' thresholded masks differ
 
 
 def load_predictor(models, device: torch.device | str = "cpu", precision: str = "auto"

@@ -1,0 +1,1 @@
+"""Segmenting a cohort: a BIDS dataset or folders of NIfTI files, as BIDS derivatives."""
