@@ -46,6 +46,25 @@ def load_volume(path: str | os.PathLike) -> nib.Nifti1Image:
     return out
 
 
+def load_mask(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D label volume (an empty one too) and its affine; InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "not a file")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises several types for foreign or truncated files
+        raise InputError(path, f"not a readable NIfTI mask ({_reason(exc)})") from None
+    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise InputError(path, f"has shape {data.shape}; a 3D mask is needed")
+    if not np.isfinite(data).all():
+        raise InputError(path, "holds NaN or infinite voxels")
+    return data, np.asarray(img.affine, dtype=float)
+
+
 def check_volume(data: np.ndarray, path: str | os.PathLike | None = None) -> np.ndarray:
     """Return ``data`` as a 3D float32 array, or raise InputError saying what is wrong."""
     shape = data.shape
