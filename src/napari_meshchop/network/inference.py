@@ -173,6 +173,7 @@ class SegmentResult:
     lesion_voxels: int
     model: str
     device: str
+    probability: np.ndarray | None = None  # float32 P(lesion) on the input's grid
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -223,12 +224,13 @@ def segment(
         prob = yield from _rebase(predictor.lesion_probability(prepared.volume, stop), 2, total)
     del prepared.volume
     yield Progress("map back", total - 1, total, "to the input grid")
-    mask = (to_source(prob, prepared) > 0.5).astype(np.uint8)
+    prob = to_source(prob, prepared)
+    mask = (prob > 0.5).astype(np.uint8)
     check_stop(stop)
     voxels = int(mask.sum())
     yield Progress("done", total, total)
     return SegmentResult(mask, np.asarray(img.affine), voxels * voxel_volume_ml(img.affine),
-                         voxels, label, dev.type)
+                         voxels, label, dev.type, prob)
 
 
 def _rebase(job: Generator[Progress, None, np.ndarray], offset: int, total: int):
