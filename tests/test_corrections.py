@@ -109,8 +109,11 @@ def test_a_mask_off_the_scans_grid_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine + np.eye(4) * 0.5), shifted)
     with pytest.raises(InputError, match="shifted.nii.gz: not on the grid of sub-01_T2w"):
         corrections.add(tmp_path / "mine", scan, shifted)
-    with pytest.raises(MeshchopError, match="shape"):
+    with pytest.raises(MeshchopError, match="the mask is not on the grid"):
         corrections.add(tmp_path / "mine", scan, np.zeros((3, 3, 3)))
+    voxels = np.asarray(img.dataobj)
+    with pytest.raises(MeshchopError, match="the mask is not on the grid"):
+        corrections.add(tmp_path / "mine", scan, voxels, affine=img.affine * 2)
     assert not (tmp_path / "mine" / "manifest.json").exists()
 
 

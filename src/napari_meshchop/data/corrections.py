@@ -148,9 +148,11 @@ class Added:
 
 
 def add(data_dir: str | os.PathLike, scan: Image, mask: str | os.PathLike | np.ndarray,
-        name: str | None = None, provenance: Provenance | None = None) -> Added:
-    """Put ``scan`` and its corrected ``mask`` (a file, or voxels on the scan's grid) into
-    ``data_dir`` as one pair; replace the pair of the same scan; make the folds again.
+        name: str | None = None, provenance: Provenance | None = None,
+        affine: np.ndarray | None = None) -> Added:
+    """Put ``scan`` and its corrected ``mask`` (a file, or voxels on the scan's grid: their
+    ``affine``, when given, is checked against the scan's) into ``data_dir`` as one pair;
+    replace the pair of the same scan; make the folds again.
 
     ``scan`` is a NIfTI file (copied as it is) or an image (written as .nii.gz); ``name``
     is what the pair is named from (default: the scan's file name). The mask's sidecar
@@ -159,7 +161,7 @@ def add(data_dir: str | os.PathLike, scan: Image, mask: str | os.PathLike | np.n
     data_dir = Path(data_dir)
     image, image_bytes, suffix = _scan_bytes(scan)
     label = name or (Path(scan).name if isinstance(scan, (str, os.PathLike)) else "scan")
-    lesion, sidecar = _mask_on(image, mask, label)
+    lesion, sidecar = _mask_on(image, mask, label, affine)
     digest = files.sha256_bytes(image_bytes)
     subject, session = pair_names(label, digest)
     folder = Path(subject) / session
@@ -239,21 +241,24 @@ def _scan_bytes(scan: Image) -> tuple[nib.Nifti1Image, bytes, str]:
     return image, path.read_bytes(), suffix
 
 
-def _mask_on(image: nib.Nifti1Image, mask, label: str) -> tuple[np.ndarray, dict | None]:
+def _mask_on(image: nib.Nifti1Image, mask, label: str, affine: np.ndarray | None
+             ) -> tuple[np.ndarray, dict | None]:
     """The mask as uint8 {0, 1} on the scan's grid, and the sidecar saved beside it."""
     sidecar = None
     if isinstance(mask, (str, os.PathLike)):
         data, affine = load_mask(mask)
         sidecar = read_sidecar(mask)
-        if data.shape != image.shape[:3] or \
-                float(np.abs(affine - image.affine).max()) > AFFINE_TOLERANCE_MM:
-            raise InputError(mask, f"not on the grid of {label} (shape {data.shape} vs "
-                             f"{image.shape[:3]}, or another affine)")
     else:
         data = np.asarray(mask)
-        if data.shape != image.shape[:3]:
-            raise MeshchopError(f"the mask's shape {data.shape} differs from {label}'s "
-                                f"{image.shape[:3]}")
+    off = data.shape != image.shape[:3] or (
+        affine is not None
+        and float(np.abs(np.asarray(affine) - image.affine).max()) > AFFINE_TOLERANCE_MM)
+    if off:
+        problem = (f"not on the grid of {label} (shape {data.shape} vs {image.shape[:3]}, "
+                   "or another affine)")
+        if isinstance(mask, (str, os.PathLike)):
+            raise InputError(mask, problem)
+        raise MeshchopError(f"the mask is {problem}")
     return (data > 0).astype(np.uint8), sidecar
 
 
