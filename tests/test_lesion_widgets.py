@@ -17,6 +17,7 @@ from napari_meshchop import events
 from napari_meshchop.data import corrections, folds, manifest
 from napari_meshchop.evaluation.lesions import lesion_stats
 from napari_meshchop.network import checkpoint as ckpt_io
+from napari_meshchop.network import registry
 from napari_meshchop.network.inference import segment
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.finetune import FinetuneSection
@@ -93,7 +94,7 @@ def test_panel_shows_live_statistics_jumps_and_deletes(make_napari_viewer, qtbot
 def test_save_and_add_to_the_training_set_on_the_scans_grid(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     _, labels, panel, scan, mask = _open(viewer, tmp_path)
-    labels.metadata = {**labels.metadata, "model": "meshnet26-arc", "threshold": 0.4}
+    labels.metadata = {**labels.metadata, "model": "meshnet26-arc-fold0", "threshold": 0.4}
     panel.table.native.setCurrentCell(2, 0)
     panel.delete(panel.selected())  # the 1-voxel component
     expected = mask.copy()
@@ -104,8 +105,8 @@ def test_save_and_add_to_the_training_set_on_the_scans_grid(make_napari_viewer, 
     np.testing.assert_array_equal(np.asarray(saved.dataobj), expected)
     doc = json.loads(sidecar.read_text())
     assert doc["source_scan"] == str(scan) and doc["edited"] is True
-    assert doc["model"] == "meshnet26-arc" and doc["threshold"] == 0.4
-    assert doc["model_sha256"] == corrections.model_sha256("meshnet26-arc")
+    assert doc["model"] == "meshnet26-arc-fold0" and doc["threshold"] == 0.4
+    assert doc["model_sha256"] == registry.REGISTRY["meshnet26-arc-fold0"].sha256
     data = tmp_path / "mine"
     added = panel.add_to_training_set(data)
     pair = manifest.load(data).pair(added.pair.id)
@@ -216,6 +217,6 @@ def test_real_scan_correct_save_add_finetune_and_segment(make_napari_viewer, qtb
     crop = tuple(slice(c - 24, c + 24) for c in np.argwhere(truth).mean(0).astype(int))
     masks = [events.run(FusedMeshNet(c.build()).lesion_probability(volume[crop])) > 0.5
              for c in (old, new)]
-    assert masks[1].sum() > 0.3 * masks[1].size  # the crop is mostly lesion
+    assert min(m.sum() for m in masks) > 5000  # a lesion in both
     dice = 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum())
-    assert dice > 0.9
+    assert dice > 0.9, dice

@@ -73,14 +73,12 @@ def add_correction(args) -> int:
 
 def finetune(args) -> int:
     from napari_meshchop.training import finetune as core  # deferred: torch
-    from napari_meshchop.training.config import TrainConfig
     from napari_meshchop.training.loop import EpochEnd
 
     settings = {name: getattr(args, name) for name in FLAGS}
     if args.resume:
-        config = TrainConfig(**{k: v for k, v in settings.items()
-                                if v is not None and k in _config.names("machine")},
-                             data_dir=args.data_dir or "")
+        config = core.resume_config(args.data_dir, **{k: settings[k] for k in FLAGS
+                                                     if k in _config.names("machine")})
     else:
         if args.checkpoint is None or args.data_dir is None:
             raise MeshchopError("give the CHECKPOINT to start from and --data-dir (or "

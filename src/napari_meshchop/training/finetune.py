@@ -27,7 +27,7 @@ from napari_meshchop.evaluation.compare import Comparison, compare
 from napari_meshchop.events import StopFlag
 from napari_meshchop.network import registry
 from napari_meshchop.network.inference import load_model
-from napari_meshchop.training.config import FINETUNE, TrainConfig
+from napari_meshchop.training.config import FINETUNE, TrainConfig, names
 from napari_meshchop.training.loop import TrainResult, fit
 from napari_meshchop.training.state import resume_point
 
@@ -60,6 +60,14 @@ def finetune_config(model: str | os.PathLike, data_dir: str | os.PathLike,
                        preprocess=ckpt.preprocess.to_dict(), init=init,
                        data_dir=str(data_dir), outer_fold=outer_fold,
                        full_outer=outer_fold is not None)
+
+
+def resume_config(data_dir: str | os.PathLike = "", **machine) -> TrainConfig:
+    """What ``finetune(..., resume=True)`` needs: this session's machine settings (those
+    given, else fine-tuning's defaults) and, when the data moved, the data folder."""
+    chosen = {k: v for k, v in FINETUNE.items() if k in names("machine")}
+    chosen.update({k: v for k, v in machine.items() if v is not None})
+    return TrainConfig(**chosen, data_dir=str(data_dir or ""))
 
 
 def parts(config: TrainConfig) -> tuple[list[str], list[str]]:

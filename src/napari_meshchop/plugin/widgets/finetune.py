@@ -39,6 +39,7 @@ from napari_meshchop.training.finetune import (
     default_fold,
     finetune,
     finetune_config,
+    resume_config,
 )
 from napari_meshchop.training.loop import EpochEnd, Step
 
@@ -95,7 +96,7 @@ class FinetuneSection(Container):
 
     def config(self) -> TrainConfig:
         if self._resume.value:  # the run's own recipe; this session's device
-            return TrainConfig(device=self.settings.values()["device"])
+            return resume_config(device=self.settings.values()["device"])
         data = Path(self._data.value)
         fold = default_fold(data) if self._hold_out.value else None
         return finetune_config(self.model(), data, fold, **self.settings.values())
