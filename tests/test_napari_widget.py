@@ -111,8 +111,9 @@ def test_each_run_is_a_new_layer_named_by_scan_and_model_and_saves_on_the_source
 
     labels.opacity = 0.3
     _run(qtbot, widget)  # a second run never touches the first result
-    assert [layer.name for layer in viewer.layers] == ["scan", "scan_lesion_tiny",
-                                                       "scan_lesion_tiny_2"]
+    assert [layer.name for layer in viewer.layers] == [
+        "scan", "scan_lesion_tiny", "scan_lesion_tiny_probability", "scan_lesion_tiny_2",
+        "scan_lesion_tiny_2_probability"]  # each result beside its hidden P(lesion)
     assert viewer.layers["scan_lesion_tiny"] is labels and labels.opacity == 0.3
     assert np.array_equal(viewer.layers["scan_lesion_tiny_2"].data, labels.data)
 
@@ -126,7 +127,7 @@ def test_each_run_is_a_new_layer_named_by_scan_and_model_and_saves_on_the_source
     assert int(np.asarray(mask.dataobj).sum()) == int(labels.data.sum())
     # The widget's Save button proposes <scan folder>/<layer name>.nii.gz, and a bare name
     # still gives NIfTI on the scan's grid.
-    assert save.proposed_path(viewer.layers[-1]) == tmp_path / "scan_lesion_tiny_2.nii.gz"
+    assert save.proposed_path(viewer.layers["scan_lesion_tiny_2"]) == tmp_path / "scan_lesion_tiny_2.nii.gz"
     assert widget.save(widget.last, tmp_path / "bare") == [str(tmp_path / "bare.nii.gz")]
     assert np.array_equal(nib.load(tmp_path / "bare.nii.gz").affine, src.affine)
 
@@ -188,7 +189,7 @@ def test_cancel_leaves_no_layer_and_keeps_the_last_result(
     widget.run()
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
-    assert len(viewer.layers) == 2
+    assert len(viewer.layers) == 3  # the scan, the last result and its P(lesion)
     assert np.array_equal(viewer.layers["scan_lesion_tiny"].data, before)
 
 

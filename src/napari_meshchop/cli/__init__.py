@@ -11,10 +11,20 @@ import argparse
 import sys
 
 from napari_meshchop import __version__
-from napari_meshchop.cli import bids, data, evaluate, export, segment, studies, train
+from napari_meshchop.cli import (
+    bids,
+    data,
+    evaluate,
+    export,
+    finetune,
+    segment,
+    stats,
+    studies,
+    train,
+)
 from napari_meshchop.errors import Cancelled, MeshchopError
 
-GROUPS = (segment, bids, data, train, evaluate, studies, export)
+GROUPS = (segment, bids, stats, data, train, finetune, evaluate, studies, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

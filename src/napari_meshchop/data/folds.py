@@ -266,3 +266,13 @@ def ensure(folder: str | os.PathLike, manifest: Manifest) -> Path:
             pass
     nested_folds(samples_of(manifest)).save(folder)
     return where
+
+
+def sizes_for(subjects: int) -> tuple[int, int] | None:
+    """The most folds, up to the paper's 3 outer x 3 inner, that ``subjects`` subjects
+    allow (a small local cohort), or None when there are too few (under 3) to split."""
+    outer = min(OUTER_FOLDS, subjects)
+    if outer < 2:
+        return None
+    inner = min(INNER_FOLDS, subjects - -(-subjects // outer))  # the smallest training part
+    return (outer, inner) if inner >= 2 else None

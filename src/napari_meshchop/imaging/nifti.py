@@ -35,8 +35,9 @@ def load_volume(path: str | os.PathLike) -> nib.Nifti1Image:
 
 
 def load_mask(path: str | os.PathLike) -> nib.Nifti1Image:
-    """Load one 3D label volume (a lesion mask), fully read and checked, its voxels in
-    memory as the header scales them (a mask stored as 1 with scl_slope 1/255 stays > 0)."""
+    """Load one 3D label volume (a lesion mask; an empty one too), fully read and checked,
+    its voxels in memory as the header scales them (a mask stored as 1 with scl_slope 1/255
+    stays > 0); InputError naming the file."""
     path = Path(path)
     img = _open(path)
     data = _voxels(img, path)

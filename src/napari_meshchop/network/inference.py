@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from napari_meshchop.errors import MeshchopError
-from napari_meshchop.events import Progress, StopFlag, check_stop
+from napari_meshchop.events import Progress, StopFlag, check_stop, relay
 from napari_meshchop.imaging.geometry import voxel_volume_ml
 from napari_meshchop.imaging.nifti import load_volume, save_mask
 from napari_meshchop.imaging.preprocess import prepare, to_source
@@ -142,6 +142,7 @@ class SegmentResult:
     lesion_voxels: int
     model: str
     device: str
+    probability: np.ndarray | None = None  # float32 P(lesion) on the input's grid
 
 
 def load_model(model: str | os.PathLike | ckpt_io.Checkpoint) -> tuple[ckpt_io.Checkpoint, str]:
@@ -189,22 +190,18 @@ def segment(
         prob = yield from _rebase(predictor.lesion_probability(prepared.volume, stop), 2, total)
     del prepared.volume
     yield Progress("map back", total - 1, total, "to the input grid")
-    mask = (to_source(prob, prepared) > 0.5).astype(np.uint8)
+    prob = to_source(prob, prepared)
+    mask = (prob > 0.5).astype(np.uint8)
     check_stop(stop)
     voxels = int(mask.sum())
     yield Progress("done", total, total)
     return SegmentResult(mask, np.asarray(img.affine), voxels * voxel_volume_ml(img.affine),
-                         voxels, label, dev.type)
+                         voxels, label, dev.type, prob)
 
 
 def _rebase(job: Generator[Progress, None, np.ndarray], offset: int, total: int):
     """Re-number a sub-job's progress as steps of the whole job."""
-    while True:
-        try:
-            event = next(job)
-        except StopIteration as finished:
-            return finished.value
-        yield replace(event, done=offset + event.done, total=total)
+    return relay(job, lambda event: replace(event, done=offset + event.done, total=total))
 
 
 def segment_file(

@@ -11,7 +11,8 @@ to the plain step's while the stored activations halve. The first block's output
 stored at all: it is recomputed from the 1-channel image, a convolution 1/channels as costly
 as the others. Gradients equal plain autograd's to
 float32 rounding (a test checks it), and BatchNorm running statistics are updated once, in
-the forward pass, exactly as ``nn.BatchNorm3d`` does.
+the forward pass, exactly as ``nn.BatchNorm3d`` does. A BatchNorm in eval mode (frozen, for
+fine-tuning) normalises with its running statistics and leaves them alone.
 
 Inside the backward pass the stored convolution output is turned into the normalised
 activation in place (it is needed by nothing else), and the convolution's gradients are
@@ -62,15 +63,13 @@ class BnReluConv(torch.autograd.Function):
         image = None
         if stem_weight is not None:  # z is the first block's conv of the (1-channel) image
             image, z = z, _stem(z, stem_weight, stem_bias, stem_dilation)
-        var, mean = torch.var_mean(z, dim=_REDUCE, correction=0)
+        ctx.frozen = not bn.training
+        if ctx.frozen:  # BatchNorm in eval mode: its running statistics, left as they are
+            mean, var = bn.running_mean.clone(), bn.running_var
+        else:
+            var, mean = torch.var_mean(z, dim=_REDUCE, correction=0)
+            _update_running(bn, z, mean, var)
         invstd = torch.rsqrt(var + bn.eps)
-        with torch.no_grad():  # running statistics, as nn.BatchNorm3d updates them
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else \
-                1.0 / float(bn.num_batches_tracked)
-            n = z.numel() // z.shape[1]
-            bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
         halo = dilation if weight.shape[-1] > 1 else 0
         scale, shift = invstd * gamma, beta - mean * invstd * gamma
         out = z.new_empty((z.shape[0], weight.shape[0], *z.shape[2:]))
@@ -113,12 +112,14 @@ class BnReluConv(torch.autograd.Function):
             grad_y[:, :, a:b].mul_(u > 0)
         del u
         grad_bias = grad_out.sum(dim=_REDUCE)
-        # BatchNorm backward with batch statistics, in place in grad_y.
-        n = grad_y.numel() // grad_y.shape[1]
         grad_beta = grad_y.sum(dim=_REDUCE)
         grad_gamma = _channel_dot(grad_y, x_hat)
-        grad_z = grad_y.mul_(n).sub_(_channel(grad_beta))
-        grad_z.addcmul_(x_hat, _channel(-grad_gamma)).mul_(_channel(gamma * invstd / n))
+        if ctx.frozen:  # constant statistics: BatchNorm is a per-channel affine map
+            grad_z = grad_y.mul_(_channel(gamma * invstd))
+        else:  # BatchNorm backward with batch statistics, in place in grad_y.
+            n = grad_y.numel() // grad_y.shape[1]
+            grad_z = grad_y.mul_(n).sub_(_channel(grad_beta))
+            grad_z.addcmul_(x_hat, _channel(-grad_gamma)).mul_(_channel(gamma * invstd / n))
         grads = (grad_gamma, grad_beta, grad_weight, grad_bias, None, None)
         if image is None:
             return (grad_z, *grads, None, None, None)
@@ -128,6 +129,17 @@ class BnReluConv(torch.autograd.Function):
             grad_z, image, stem_weight, [stem_weight.shape[0]], [1] * 3, [d] * 3, [d] * 3,
             False, [0] * 3, 1, [False, True, True])
         return (None, *grads, grad_stem_weight, grad_stem_bias, None)
+
+
+def _update_running(bn, z, mean, var) -> None:
+    """BatchNorm's running statistics, updated as ``nn.BatchNorm3d`` does."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else \
+            1.0 / float(bn.num_batches_tracked)
+        n = z.numel() // z.shape[1]
+        bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
 
 
 def _channel_dot(a, b):

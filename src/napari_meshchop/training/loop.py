@@ -45,7 +45,7 @@ from napari_meshchop.events import (
     stop_requested,
 )
 from napari_meshchop.network import checkpoint as ckpt_io
-from napari_meshchop.network.inference import FusedMeshNet, resolve_device
+from napari_meshchop.network.inference import FusedMeshNet, load_model, resolve_device
 from napari_meshchop.network.model import MeshNet
 from napari_meshchop.training import lean
 from napari_meshchop.training.config import TrainConfig
@@ -120,6 +120,23 @@ class _Run:
         self.epoch, self.position, self.step, self.best_dice = 0, 0, 0, None
         self.history: list[dict] = []
 
+    def train_mode(self) -> None:
+        """The network in training mode; BatchNorm in eval mode when it is frozen."""
+        self.model.train()
+        if self.config.batch_norm == "frozen":
+            for block in self.model.blocks:
+                block.bn.eval()
+
+    def start_from(self, model: str) -> str:
+        """Load the weights of ``model`` (a file or pretrained name) before step 0."""
+        ckpt, label = load_model(model)
+        if ckpt.arch != self.config.arch or ckpt.preprocess != self.config.spec:
+            raise MeshchopError(f"{model}: its network ({ckpt.arch.channels} channels, "
+                                f"{ckpt.preprocess.name} {ckpt.preprocess.shape}) is not the "
+                                "run's; fine-tuning keeps the checkpoint's")
+        self.model.load_state_dict(ckpt.state_dict)
+        return f"starting from the weights of {label}"
+
     def restore(self, state: ckpt_io.Checkpoint) -> None:
         t = state.training
         self.model.load_state_dict(state.state_dict)
@@ -141,7 +158,9 @@ class _Run:
         }
         ckpt = ckpt_io.Checkpoint(c.arch, c.spec, state_dict(self.model),
                                   {"source": "napari-meshchop train", "epochs": self.epoch,
-                                   "step": self.step, "seed": c.seed}, training)
+                                   "step": self.step, "seed": c.seed,
+                                   **({"fine_tuned_from": c.init} if c.init else {})},
+                                  training)
         if path.name == LAST and path.exists():
             os.replace(path, path.with_name(PREVIOUS))
         return CheckpointWritten(ckpt.save(path), self.epoch, self.step, path.name == BEST)
@@ -210,6 +229,11 @@ def fit(
         trim_metrics(out_dir / METRICS, run.step, run.epoch)
         yield Notice(f"resuming at epoch {run.epoch + 1}, step {run.step} of {run.total}")
     else:
+        if config.init:
+            yield Notice(run.start_from(config.init))
+        elif config.batch_norm == "frozen":
+            raise MeshchopError("frozen BatchNorm keeps a trained checkpoint's statistics; "
+                                "start from one (fine-tuning)")
         files.write_json(out_dir / CONFIG, config.to_dict())
         (out_dir / METRICS).unlink(missing_ok=True)
 
@@ -246,7 +270,7 @@ def _epoch(run: _Run, dataset, val_dataset, memory_mode: str, out_dir: Path, met
         metrics_log.flush()
 
     started = time.perf_counter()
-    run.model.train()
+    run.train_mode()
     losses = [r["loss"] for r in read_metrics(out_dir / METRICS)
               if r.get("kind") == "step" and r["epoch"] == epoch]
     for image, mask in run.loader(dataset):

@@ -25,9 +25,12 @@ from napari_meshchop.training.config import TrainConfig
 def _block_forward(block: Block, x: torch.Tensor, update_stats: bool) -> torch.Tensor:
     """A block in training mode; ``update_stats=False`` leaves BN running stats alone.
 
-    The output is the same either way (training-mode BN normalises with batch statistics).
+    The output is the same either way (training-mode BN normalises with batch statistics;
+    a frozen BN, in eval mode, with its running ones, never updated).
     """
     bn = block.bn
+    if not bn.training:
+        return block(x)
     y = block.conv(x)
     # On recomputation the update goes to throwaway copies, so that autograd sees the
     # very same operation as in the forward pass.

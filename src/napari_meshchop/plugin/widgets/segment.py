@@ -52,6 +52,7 @@ from napari_meshchop.plugin.widgets.feedback import (
 )
 from napari_meshchop.plugin.widgets.layout import fit_dock, when_closed
 from napari_meshchop.plugin.widgets.paths import elide_path
+from napari_meshchop.plugin.widgets.threshold import ThresholdControl
 
 CHECKPOINT = "checkpoint file..."
 ENSEMBLE = "ensemble of checkpoints..."  # the mean of several models' lesion probabilities
@@ -160,8 +161,9 @@ class SegmentWidget(Container):
         inputs = Container(widgets=[self._image, self._model, self._checkpoint,
                                     self._ensemble, self._device], labels=True)
         # Progress and messages span the dock's width, under the labelled inputs.
+        self.threshold = ThresholdControl(viewer)  # re-thresholds the result from P(lesion)
         self.extend([inputs, self._geometry, buttons, self._progress, self._status,
-                     self._time, self._result, self._save])
+                     self._time, self._result, self.threshold, self._save])
         add_export_button(self, self._model_to_export)
         fit_dock(self)
         self._image.value = next((c for c in self._image.choices if c is not None), None)
@@ -351,6 +353,7 @@ class SegmentWidget(Container):
             result.mask, name=name, metadata=metadata, opacity=0.6, colormap=_lesion_colors(),
             **source.transform)
         show_lesion_in_3d(layer, self.last)
+        self.threshold.show(result, self.last, source.transform, model)
         self._result.value = (f"{name}: {result.lesion_ml:.1f} mL ({result.lesion_voxels} "
                               f"voxels); model {result.model} on {result.device}")
         self._status.value = "Done."
@@ -469,3 +472,15 @@ def _wrapping_label() -> Label:
     label.native.setWordWrap(True)
     label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
     return label
+
+
+def checkpoint_label(result) -> str:
+    """"run <folder>, epoch N (best.pt, val Dice 0.61)": which run, which epoch, which file."""
+    path = result.checkpoint
+    if path == result.best:
+        scored = [r for r in result.history if r.get("val_dice") is not None]
+        best = max(scored, key=lambda r: r["val_dice"]) if scored else None
+        epoch = best["epoch"] + 1 if best else result.epochs_done
+        dice = f", val Dice {best['val_dice']:.2f}" if best else ""
+        return f"run {result.out_dir.name}, epoch {epoch} ({path.name}{dice})"
+    return f"run {result.out_dir.name}, epoch {result.epochs_done} ({path.name})"

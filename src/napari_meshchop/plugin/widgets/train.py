@@ -32,9 +32,10 @@ from napari_meshchop.events import Notice
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.plugin.widgets.export import add_export_button
 from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
+from napari_meshchop.plugin.widgets.finetune import FinetuneSection
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
-from napari_meshchop.plugin.widgets.segment import offer_checkpoint
+from napari_meshchop.plugin.widgets.segment import checkpoint_label, offer_checkpoint
 from napari_meshchop.plugin.widgets.settings import SettingsForm, shown
 from napari_meshchop.studies import engine, hpo, space
 from napari_meshchop.training import config as _config
@@ -161,6 +162,11 @@ class TrainWidget(Container):
         self._search_box = CheckBox(text="Search hyperparameters (ASHA)")
         self._search_box.changed.connect(lambda v: setattr(self.search, "visible", bool(v)))
         self.extend([self._search_box, self.search])
+        self.finetune = FinetuneSection(viewer)
+        self.finetune.visible = False
+        self._finetune_box = CheckBox(text="Fine-tune a checkpoint on corrected masks")
+        self._finetune_box.changed.connect(lambda v: setattr(self.finetune, "visible", bool(v)))
+        self.extend([self._finetune_box, self.finetune])
         add_export_button(self, lambda: self.result.checkpoint if self.result else None,
                           "Export the trained model...")
         fit_dock(self, grow=self.plot.canvas)
@@ -338,18 +344,6 @@ class TrainWidget(Container):
     def _on_finished(self) -> None:
         self.worker = None
         self._start.text = "Start"
-
-
-def checkpoint_label(result: TrainResult) -> str:
-    """"run <folder>, epoch N (best.pt, val Dice 0.61)": which run, which epoch, which file."""
-    path = result.checkpoint
-    if path == result.best:
-        scored = [r for r in result.history if r.get("val_dice") is not None]
-        best = max(scored, key=lambda r: r["val_dice"]) if scored else None
-        epoch = best["epoch"] + 1 if best else result.epochs_done
-        dice = f", val Dice {best['val_dice']:.2f}" if best else ""
-        return f"run {result.out_dir.name}, epoch {epoch} ({path.name}{dice})"
-    return f"run {result.out_dir.name}, epoch {result.epochs_done} ({path.name})"
 
 
 COLUMNS = ["trial", "state", "mean Dice"]
