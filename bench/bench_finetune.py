@@ -58,9 +58,9 @@ def make_pairs(folder: Path, n: int, size: int) -> Path:
 
 def worker(mode: str, data: str, out: str, crop: int) -> dict:
     from napari_meshchop import events
+    from napari_meshchop.events import Notice
     from napari_meshchop.network.registry import DEFAULT_MODEL
     from napari_meshchop.training.finetune import finetune, finetune_config
-    from napari_meshchop.events import Notice
     from napari_meshchop.training.loop import Step
 
     config = finetune_config(DEFAULT_MODEL, data, None, epochs=1, crop=crop, device="cpu",
