@@ -153,13 +153,20 @@ def test_finetune_section_trains_shows_before_after_and_offers_it(
     section._checkpoint.value = tiny_checkpoint
     section._data.value = data
     section._out.value = tmp_path / "run"
-    section.settings.fields["epochs"].value = 1
     section.settings.fields["crop"].value = 16
     section.settings.fields["device"].value = "cpu"
-    section.toggle()
+    section.settings.fields["epochs"].value = 2
+    section.toggle()  # Start ...
     assert section._start.text == "Stop"
+    section.toggle()  # ... and Stop at once: it ends after its first step
+    qtbot.waitUntil(lambda: section.worker is None, timeout=120_000)
+    assert section.result.training.stopped and section.result.training.step == 1
+    assert list(section.table.data) == [] and segment_widget._model.value != CHECKPOINT
+    section._resume.value = True
+    section.toggle()
     qtbot.waitUntil(lambda: section.worker is None, timeout=120_000)
     result = section.result
+    assert result.training.step == 2 * len(folds.load(data).ids(0, "train"))
     held_out = folds.load(data).ids(0, "test")
     assert not result.training.stopped and result.held_out == held_out
     assert [row[0] for row in section.table.data] == [*held_out, "mean"]
