@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import synthetic_corrections as synthetic
+from napari.layers import Labels
 from scipy import ndimage
 
 from napari_meshchop import events
@@ -197,7 +198,7 @@ def test_real_scan_correct_save_add_finetune_and_segment(make_napari_viewer, qtb
     segment_widget._device.value = "cpu"
     segment_widget.run()
     qtbot.waitUntil(lambda: segment_widget.worker is None, timeout=1_200_000)
-    labels = viewer.layers["sub-M2265_T2w lesion"]
+    (labels,) = [lay for lay in viewer.layers if isinstance(lay, Labels)]
     viewer.layers.selection.active = labels
     _, panel = viewer.window.add_plugin_dock_widget("napari-meshchop", "Lesion statistics")
     assert panel.layer is labels and panel._scan.value is image

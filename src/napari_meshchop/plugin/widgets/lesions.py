@@ -141,12 +141,13 @@ class LesionPanel(Container):
         self.refresh()
 
     def _scan_of(self, layer: Labels) -> Image | None:
-        """The image the mask belongs to: named like it (Segment names its result
-        "<scan> lesion"), else the first one of its shape."""
+        """The image the mask belongs to: of its shape, the one whose name begins the
+        mask's (Segment names its result after the scan), else the first."""
         images = [lay for _, lay in self._image_layers() if lay is not None]
-        base = layer.name.removesuffix(" lesion")
         same = [lay for lay in images if lay.data.shape == layer.data.shape]
-        return next((lay for lay in same if lay.name == base), same[0] if same else None)
+        named = [lay for lay in same if layer.name.startswith(lay.name + " ")]
+        return max(named, key=lambda lay: len(lay.name)) if named else (
+            same[0] if same else None)
 
     def _on_paint(self, *_) -> None:
         if self.layer is not None:
