@@ -108,7 +108,10 @@ def test_docs_commands_run_as_written(block, real_data, request):
     env = _clean_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     segments = "meshchop segment" in block
-    if segments:
+    # A model exported to ONNX runs in onnxruntime: no torch pass to reuse, and its mask is
+    # compared with the session's by Dice rather than voxel for voxel.
+    onnx = ".onnx" in block
+    if segments and not onnx:
         memo = request.getfixturevalue("real_segmentation").memo
         before = network_memo.hits(memo)
         env = _replaying(env, memo)
@@ -116,12 +119,15 @@ def test_docs_commands_run_as_written(block, real_data, request):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if segments:
-        assert network_memo.hits(memo) == before + block.count("meshchop segment")
         out = Path(re.search(r"-o (\S+)", block).group(1))
         assert_left_hemisphere_stroke(out)
         ours = request.getfixturevalue("real_segmentation").mask
-        assert np.array_equal(np.asarray(nib.load(out).dataobj),
-                              np.asarray(nib.load(ours).dataobj))
+        if onnx:
+            assert _same_lesion(out, ours) > 0.999
+        else:
+            assert network_memo.hits(memo) == before + block.count("meshchop segment")
+            assert np.array_equal(np.asarray(nib.load(out).dataobj),
+                                  np.asarray(nib.load(ours).dataobj))
 
 
 def _console_commands():
