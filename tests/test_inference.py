@@ -52,6 +52,47 @@ def test_fused_pass_equals_the_plain_model(tiny_checkpoint):
             torch.backends.mkldnn.enabled = True
 
 
+def test_scanned_box_is_the_voxels_above_zero_grown_by_the_margin():
+    volume = np.zeros((30, 20, 10), np.float32)
+    volume[10:12, 3, 4:6] = 0.5
+    assert fused_pass.scanned_box(volume, 4) == (slice(6, 16), slice(0, 8), slice(0, 10))
+    assert fused_pass.scanned_box(np.zeros((5, 5, 5), np.float32), 4) == ()
+    volume[0, 0, 0] = volume[-1, -1, -1] = 1.0
+    assert fused_pass.scanned_box(volume, 0) is None  # the whole grid: nothing to skip
+
+
+def test_the_network_skips_the_air_around_the_scan(tiny_checkpoint, monkeypatch):
+    """The pass runs on the scanned box plus the margin; P(lesion) is 0 outside, and equal
+    to the whole grid's where the box's own padding is out of the receptive field's reach."""
+    net = FusedMeshNet(checkpoint.load(tiny_checkpoint).build())
+    radius = sum(d for *_, d in net.layers)  # 10 for dilations 1, 2, 4, 2, 1
+    assert net.margin == radius // 2
+    volume = np.zeros((70, 16, 18), np.float32)
+    volume[20:50] = np.random.default_rng(0).uniform(0.1, 1.0, (30, 16, 18))
+    whole = _probability(FusedMeshNet(checkpoint.load(tiny_checkpoint).build(),
+                                      skip_air=False), volume)
+    shapes = []
+    inner = FusedMeshNet._probability
+
+    def spy(self, part, stop):
+        shapes.append(part.shape)
+        return (yield from inner(self, part, stop))
+
+    monkeypatch.setattr(FusedMeshNet, "_probability", spy)
+    got = _probability(net, volume)
+    lo, hi = 20 - net.margin, 50 + net.margin
+    assert shapes == [(hi - lo, 16, 18)]
+    assert not got[:lo].any() and not got[hi:].any() and whole[:lo].min() > 0
+    reach = slice(lo + radius, hi - radius)
+    np.testing.assert_allclose(got[reach], whole[reach], atol=1e-6)
+    # A grid the scan fills runs whole, as before; an empty one runs nothing.
+    full = np.random.default_rng(1).uniform(0.1, 1.0, (24, 16, 18)).astype(np.float32)
+    np.testing.assert_array_equal(_probability(net, full), _probability(
+        FusedMeshNet(checkpoint.load(tiny_checkpoint).build(), skip_air=False), full))
+    shapes.clear()
+    assert not _probability(net, np.zeros((24, 16, 18), np.float32)).any() and shapes == []
+
+
 def test_precision_choice():
     assert compute_dtype(torch.device("cpu")) == torch.float32
     assert compute_dtype(torch.device("cuda")) == torch.float16  # no GPU needed to choose
@@ -235,9 +276,10 @@ def test_segment_command_takes_several_models_as_an_ensemble(tiny_checkpoint, tm
 
 
 @pytest.mark.slow
-def test_onednn_pass_equals_the_generic_pass_on_the_real_scan(real_data):
+def test_onednn_pass_equals_the_generic_pass_and_skips_the_air_on_the_real_scan(real_data):
     """At 256^3 (the sample scan, the ARC model): the in-buffer oneDNN pass against the
-    conv3d-a-layer path that runs on GPUs, P(lesion) within 1e-4 and the mask's Dice."""
+    conv3d-a-layer path that runs on GPUs, P(lesion) within 1e-4 and the mask's Dice; and
+    the air skipped (the default) against the whole grid, the mask's Dice >= 0.9999."""
     from conftest import ARC_CHECKPOINT, SAMPLE_SCAN
 
     from napari_meshchop.imaging.preprocess import prepare
@@ -256,3 +298,8 @@ def test_onednn_pass_equals_the_generic_pass_on_the_real_scan(real_data):
     a, b = got > 0.5, expected > 0.5
     assert b.sum() > 50_000  # the lesion is there (about 85 mL)
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999
+    # Skipping the air (both passes above did) against the whole grid: the same mask.
+    box = fused_pass.scanned_box(volume, fast.margin)
+    assert np.prod([s.stop - s.start for s in box]) < 0.8 * volume.size
+    whole = _probability(FusedMeshNet(ckpt.build(), skip_air=False), volume) > 0.5
+    assert 2 * (a & whole).sum() / (a.sum() + whole.sum()) >= 0.9999

@@ -19,6 +19,12 @@ Elsewhere (CUDA, MPS, or a PyTorch without oneDNN) each layer is one ``conv3d`` 
 ReLU in channels-last layout, on the whole volume or in slabs (:func:`conv_relu_in_slabs`).
 On CUDA the pass runs in float16 with cuDNN's autotuner; the first volume is also run on a
 central probe block in float32 on the CPU, and a pass that disagrees is redone in float32.
+
+On any device the network skips the air: it runs on the box of voxels the scan covers (input
+above 0; conform, padding and defacing leave exact zeros) grown by half the receptive field's
+radius, and P(lesion) is 0 outside. The margin keeps the box's own zero padding away from the
+brain: on the sample scan the mask agrees with the whole-grid pass at Dice 0.99995 (9 voxels
+of 85,000) in 0.7 of its time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ GENERIC_SLAB = 32  # planes per conv3d where a whole-volume conv3d may not fit (
 PROBE = 32  # edge of the central block that checks a reduced-precision pass
 PROBE_TOLERANCE = 0.02  # largest P(lesion) difference from float32 on the probe block
 CHANNELS_LAST = torch.channels_last_3d
+AIR_MARGIN = 0.5  # of the receptive field's radius, kept around the scanned box
 
 
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
@@ -68,17 +75,19 @@ class FusedMeshNet:
 
     ``slab`` is the number of output planes per convolution call (None: the device's
     default: 16 with oneDNN, the whole volume on CUDA, 32 elsewhere). ``precision`` is
-    one of :data:`PRECISIONS`. Setting ``onednn`` to False on the CPU runs the generic
-    path instead (the reference that tests and benchmarks compare with).
+    one of :data:`PRECISIONS`. ``skip_air=False`` runs the network on the whole grid.
+    Setting ``onednn`` to False on the CPU runs the generic path instead (the reference
+    that tests and benchmarks compare with).
     """
 
     def __init__(self, model: MeshNet, device: torch.device | str = "cpu",
-                 slab: int | None = None, precision: str = "auto"):
+                 slab: int | None = None, precision: str = "auto", skip_air: bool = True):
         if model.head.out_channels != 2:
             raise MeshchopError(f"P(lesion) needs a two-class MeshNet, not "
                                 f"{model.head.out_channels} classes")
         self.device = torch.device(device)
         self.slab = slab
+        self.skip_air = skip_air
         self._model = model
         self.checked = False  # a reduced precision was compared with float32
         self._set_dtype(compute_dtype(self.device, precision))
@@ -107,10 +116,27 @@ class FusedMeshNet:
     def n_steps(self) -> int:
         return len(self.layers) + 1
 
+    @property
+    def margin(self) -> int:
+        """Voxels of air kept around the scanned box (see :data:`AIR_MARGIN`)."""
+        return int(np.ceil(AIR_MARGIN * sum(d for *_, d in self.layers)))
+
     def lesion_probability(self, volume: np.ndarray, stop: StopFlag = None
                            ) -> Generator[Progress, None, np.ndarray]:
         """Yield after each layer; return P(lesion) on the network grid as float32."""
         volume = np.ascontiguousarray(volume, dtype=np.float32)
+        box = scanned_box(volume, self.margin) if self.skip_air else None
+        if box is None:
+            prob = yield from self._probability(volume, stop)
+        else:
+            prob = np.zeros(volume.shape, np.float32)
+            if box:  # else nothing was scanned: all air
+                part = np.ascontiguousarray(volume[box])
+                prob[box] = yield from self._probability(part, stop)
+        yield Progress("network", self.n_steps, self.n_steps, "output")
+        return prob
+
+    def _probability(self, volume: np.ndarray, stop: StopFlag):
         if self.dtype != torch.float32 and not self.checked:
             error = self.probe_error(volume)
             self.checked = True
@@ -123,8 +149,7 @@ class FusedMeshNet:
                 prob = yield from self._generic_pass(volume, stop)
         if self.dtype != torch.float32 and not np.isfinite(prob).all():
             yield self._fall_back("overflowed outside the probe block")
-            return (yield from self.lesion_probability(volume, stop))
-        yield Progress("network", self.n_steps, self.n_steps, "output")
+            return (yield from self._probability(volume, stop))
         return prob
 
     def _fall_back(self, why: str) -> Progress:
@@ -137,7 +162,7 @@ class FusedMeshNet:
         CPU, on the volume's central :data:`PROBE`^3 block (NaN if this pass overflows)."""
         lo = [max(0, (s - PROBE) // 2) for s in volume.shape]
         block = np.ascontiguousarray(volume[tuple(slice(a, a + PROBE) for a in lo)])
-        reference = FusedMeshNet(self._model, "cpu", precision="float32")
+        reference = FusedMeshNet(self._model, "cpu", precision="float32", skip_air=False)
         expected = run(reference.lesion_probability(block))
         with torch.inference_mode():
             got = run(self._generic_pass(block, None))
@@ -198,6 +223,19 @@ class FusedMeshNet:
             cudnn.benchmark = autotune
         del x
         return torch.sigmoid(logit[0, 0]).float().cpu().numpy()
+
+
+def scanned_box(volume: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The voxels above 0 as a box grown by ``margin`` (clipped to the grid); None when
+    that is the whole grid, () when no voxel is above 0."""
+    scanned = volume > 0
+    box = []
+    for axis, n in enumerate(volume.shape):
+        hit = np.flatnonzero(scanned.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return ()
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)))
+    return None if all(b.stop - b.start == n for b, n in zip(box, volume.shape)) else tuple(box)
 
 
 def _sweep(source: torch.Tensor, source_at: int, target: torch.Tensor, target_at: int,
