@@ -8,8 +8,6 @@ import argparse
 import numpy as np
 
 from napari_meshchop.errors import InputError
-from napari_meshchop.evaluation.lesions import lesion_stats
-from napari_meshchop.imaging.nifti import load_mask
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def stats(args) -> int:
+    from napari_meshchop.evaluation.lesions import lesion_stats  # deferred: scipy
+    from napari_meshchop.imaging.nifti import load_mask  # deferred: nibabel
+
     loaded = load_mask(args.mask)
     mask, affine = np.asanyarray(loaded.dataobj), loaded.affine
     image = None

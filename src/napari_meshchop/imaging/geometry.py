@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import ndimage
+
+THREADS = min(8, os.cpu_count() or 1)  # memory-bound work: more threads add little
 
 
 def resample(
@@ -91,31 +96,45 @@ def _separable_linear(data, matrix, offset, out, cval):
     """
     src_axes = [int(np.argmax(np.abs(matrix[:, j]))) for j in range(3)]
     src = np.transpose(np.asarray(data, dtype=np.float32), src_axes)  # a view
-    for axis, src_axis in enumerate(src_axes):
-        n = src.shape[axis]
-        pos = matrix[src_axis, axis] * np.arange(out.shape[axis]) + offset[src_axis]
-        outside = (pos < -1e-6) | (pos > n - 1 + 1e-6)
-        lo = np.clip(np.floor(pos), 0, max(n - 2, 0)).astype(np.intp)
-        hi = np.minimum(lo + 1, n - 1)
-        # Weights shaped to broadcast along the axes after this one.
-        weight = np.clip(pos - lo, 0.0, 1.0).astype(np.float32).reshape((-1,) + (1,) * (2 - axis))
-        shape = list(src.shape)
-        shape[axis] = out.shape[axis]
-        dst = out if axis == 2 else np.empty(shape, np.float32)
-        # In blocks of ~2M voxels cut across another axis: small temporaries, and faster.
-        across = 1 if axis == 0 else 0
-        step = max(1, (1 << 21) * shape[across] // int(np.prod(shape)))
-        for start in range(0, shape[across], step):
-            block = (slice(None),) * across + (slice(start, start + step),)
-            low = np.take(src[block], lo, axis=axis)
-            high = np.take(src[block], hi, axis=axis)
-            high -= low
-            high *= weight
-            low += high
-            low[(slice(None),) * axis + (outside,)] = cval
-            dst[block] = low
-        src = dst
+    with ThreadPoolExecutor(THREADS) as pool:
+        for axis, src_axis in enumerate(src_axes):
+            n = src.shape[axis]
+            pos = matrix[src_axis, axis] * np.arange(out.shape[axis]) + offset[src_axis]
+            shape = list(src.shape)
+            shape[axis] = out.shape[axis]
+            dst = out if axis == 2 else np.empty(shape, np.float32)
+            line = _Line(src, dst, axis, pos, n, cval)
+            # In blocks of ~2M voxels cut across another axis: small temporaries, and
+            # faster; numpy releases the GIL in each, so the blocks run on all the cores.
+            step = max(1, (1 << 21) * shape[line.across] // int(np.prod(shape)))
+            list(pool.map(lambda start: line(slice(start, start + step)),
+                          range(0, shape[line.across], step)))
+            src = dst
     return out
+
+
+class _Line:
+    """Linear interpolation of ``src`` along one axis at positions ``pos``, into ``dst``."""
+
+    def __init__(self, src, dst, axis, pos, n, cval):
+        self.src, self.dst, self.axis, self.cval = src, dst, axis, cval
+        self.across = 1 if axis == 0 else 0
+        self.outside = (pos < -1e-6) | (pos > n - 1 + 1e-6)
+        self.lo = np.clip(np.floor(pos), 0, max(n - 2, 0)).astype(np.intp)
+        self.hi = np.minimum(self.lo + 1, n - 1)
+        # Weights shaped to broadcast along the axes after this one.
+        self.weight = np.clip(pos - self.lo, 0.0, 1.0).astype(np.float32).reshape(
+            (-1,) + (1,) * (2 - axis))
+
+    def __call__(self, rows: slice) -> None:
+        block = (slice(None),) * self.across + (rows,)
+        low = np.take(self.src[block], self.lo, axis=self.axis)
+        high = np.take(self.src[block], self.hi, axis=self.axis)
+        high -= low
+        high *= self.weight
+        low += high
+        low[(slice(None),) * self.axis + (self.outside,)] = self.cval
+        self.dst[block] = low
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
