@@ -14,15 +14,28 @@ paths alternate within each repeat to share the machine's noise):
 
 Each worker warms up (a 32^3 pass), measures a 4096^2 float32 matmul (best of 3) just
 before and just after its pass, and reports the pass's GFLOP/s (27 taps x in x out x 2 per
-voxel and layer, plus the head) and its share of the mean of the two matmuls. From the
-repository root::
+voxel and layer, plus the head), its share of the mean of the two matmuls, and its peak
+memory: the rise of the peak RSS over the RSS just before the pass (Linux: the peak is
+reset there). From the repository root::
 
     python bench/bench_inference.py --sizes 160 256 --repeats 3
     python bench/bench_inference.py --segment --repeats 3
 
+    python bench/bench_inference.py --air
+
 ``--segment`` times a whole ``meshchop segment`` of the sample scan (a fresh process, from
-Python's start to the mask on disk) against the network pass alone and the plain model
-on the same conformed volume.
+Python's start to the mask on disk) against the network pass alone as segment runs it (the
+air around the head skipped), the pass on the whole grid, and the plain model, on the same
+conformed volume. ``--air`` compares the pass that skips the air with the whole grid's on
+the sample scan (as its checkpoint preprocesses it) and on the same scan tilted 20 degrees
+and conformed: time, and the masks' Dice.
+
+The random volumes of the network table fill the grid, so no air is skipped there.
+
+Wall time is what a user waits, but on a machine that others share it swings with their
+load. ``--threads 1 --clock cpu`` times each pass and matmul by the process's CPU time on
+one thread instead, which other processes disturb far less (only through the caches and
+memory bandwidth they share).
 """
 
 from __future__ import annotations
@@ -30,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +61,11 @@ def flops_per_voxel(channels: int = CHANNELS, dilations=DILATIONS) -> int:
     return sum(27 * a * b * 2 for a, b in zip(widths[:-1], widths[1:])) + channels * 2 * 2
 
 
+def clock():
+    """Wall time; with ``--clock cpu``, this process's CPU time (see the module's notes)."""
+    return time.process_time() if os.environ.get("BENCH_CLOCK") == "cpu" else time.perf_counter()
+
+
 def matmul_gflops(n: int = 4096) -> float:
     import torch
 
@@ -56,10 +73,27 @@ def matmul_gflops(n: int = 4096) -> float:
     a @ b
     best = float("inf")
     for _ in range(3):
-        start = time.perf_counter()
+        start = clock()
         a @ b
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n**3 / best / 1e9
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def make_pass(path: str, slab: int | None, size: int, model=None):
@@ -77,8 +111,9 @@ def make_pass(path: str, slab: int | None, size: int, model=None):
             with torch.no_grad():
                 return torch.softmax(model(torch.from_numpy(volume)[None, None]), 1)[0, 1].numpy()
         return plain
-    fused = FusedMeshNet(model, "cpu", slab={"whole": size, "previous": 32}.get(path, slab))
-    if path != "ours":
+    fused = FusedMeshNet(model, "cpu", slab={"whole": size, "previous": 32}.get(path, slab),
+                         skip_air=path != "grid")
+    if path not in ("ours", "grid"):
         fused.onednn = False  # the generic path: conv3d a layer (whole, or slabs of 32)
     return lambda volume: run(fused.lesion_probability(volume))
 
@@ -92,17 +127,17 @@ def worker(path: str, size: int, slab: int | None) -> dict:
     make_pass(path, slab, 32)(volume[:32, :32, :32])  # warm-up: libraries, threads
     forward = make_pass(path, slab, size)
     before_mm = matmul_gflops()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
+    base = reset_peak_rss()
+    start = clock()
     out = forward(volume)
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = clock() - start
+    peak = peak_rss()
     after_mm = matmul_gflops()
     assert out.shape == (size,) * 3 and np.isfinite(out).all()
     gflops = size**3 * flops_per_voxel() / seconds / 1e9
     matmul = (before_mm + after_mm) / 2
     return {"seconds": seconds, "gflops": gflops, "matmul": matmul, "share": gflops / matmul,
-            "peak_mb": (after - before) / 1024, "threads": torch.get_num_threads()}
+            "peak_mb": (peak - base) / 2**20, "threads": torch.get_num_threads()}
 
 
 def measure(*args: str) -> dict:
@@ -144,7 +179,8 @@ def network_table(sizes, repeats, paths, slabs) -> None:
 
 
 def sample_worker(path: str) -> dict:
-    """The network pass alone (``ours`` or ``plain``) on the conformed sample scan."""
+    """The network pass alone on the conformed sample scan: ``ours`` (as segment runs it),
+    ``grid`` (ours on the whole grid) or ``plain``."""
     import nibabel as nib
 
     from napari_meshchop.imaging.preprocess import prepare
@@ -163,7 +199,7 @@ def segment_table(repeats: int) -> None:
     print(f"load average before: {load_average()}")
     meshchop = Path(sys.executable).with_name("meshchop")
     env = {**os.environ, "MESHCHOP_MIRROR": str(SHARED), "PYTHONPATH": str(ROOT / "src")}
-    times = {"segment": [], "ours": [], "plain": []}
+    times = {"segment": [], "ours": [], "grid": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
             start = time.perf_counter()
@@ -171,16 +207,60 @@ def segment_table(repeats: int) -> None:
                             "-o", f"{tmp}/mask.nii.gz", "--device", "cpu", "-q"],
                            check=True, env=env, capture_output=True)
             times["segment"].append(time.perf_counter() - start)
-            for path in ("ours", "plain"):
+            for path in ("ours", "grid", "plain"):
                 times[path].append(measure("--sample-worker", path)["seconds"])
     med = {k: statistics.median(v) for k, v in times.items()}
     print("| what | seconds (median) | runs | vs the network pass alone | vs the plain model |")
     print("|---|---:|---|---:|---:|")
     for name, key in (("`meshchop segment` (fresh process, file to file)", "segment"),
-                      ("network pass alone (ours)", "ours"), ("plain model pass", "plain")):
+                      ("network pass alone, as segment runs it (air skipped)", "ours"),
+                      ("network pass alone, whole grid", "grid"),
+                      ("plain model pass (whole grid)", "plain")):
         runs = ", ".join(f"{t:.1f}" for t in times[key])
         print(f"| {name} | {med[key]:.1f} | {runs} | {med[key] / med['ours']:.2f} "
               f"| {med[key] / med['plain']:.2f} |")
+    print(f"load average after: {load_average()}")
+
+
+def air_table() -> None:
+    """The pass that skips the air against the whole grid's, in this process."""
+    import nibabel as nib
+    import numpy as np
+
+    from napari_meshchop.imaging.preprocess import prepare
+    from napari_meshchop.imaging.spec import PreprocessSpec
+    from napari_meshchop.network import checkpoint
+    from napari_meshchop.network.fused import FusedMeshNet, scanned_box
+
+    ckpt = checkpoint.load(SHARED / "arc-meshchop_meshnet26_fold0_restart0.pt")
+    img = nib.load(SHARED / "sub-M2265_T2w.nii.gz")
+    turn = np.eye(4)
+    t = np.deg2rad(20)
+    turn[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    tilted = nib.Nifti1Image(np.asanyarray(img.dataobj), turn @ img.affine)
+    cases = {f"sample scan ({ckpt.preprocess.name})": prepare(img, ckpt.preprocess).volume,
+             "sample tilted 20 degrees (conform)": prepare(tilted, PreprocessSpec("conform")).volume}
+    print(f"load average before: {load_average()}")
+    print("| volume | box / grid | whole grid s | air skipped s | time ratio | lesion voxels "
+          "| voxels that differ | Dice | largest P difference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    model = ckpt.build().eval()
+    for name, volume in cases.items():
+        make_pass("ours", None, 32, model)(volume[:32, :32, :32])  # warm-up
+        grid, skip = make_pass("grid", None, 256, model), make_pass("ours", None, 256, model)
+        start = time.perf_counter()
+        whole = grid(volume)
+        t_grid = time.perf_counter() - start
+        start = time.perf_counter()
+        got = skip(volume)
+        t_skip = time.perf_counter() - start
+        box = scanned_box(volume, FusedMeshNet(model).margin)
+        share = np.prod([b.stop - b.start for b in box]) / volume.size if box else 1.0
+        a, b = got > 0.5, whole > 0.5
+        dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+        print(f"| {name} | {share:.2f} | {t_grid:.1f} | {t_skip:.1f} | {t_skip / t_grid:.2f} "
+              f"| {b.sum()} | {(a ^ b).sum()} | {dice:.5f} | {np.abs(got - whole).max():.3f} |",
+              flush=True)
     print(f"load average after: {load_average()}")
 
 
@@ -192,17 +272,31 @@ def main() -> None:
     p.add_argument("--slabs", type=int, nargs="+", default=[0],
                    help="slab heights for 'ours' (0: its default)")
     p.add_argument("--segment", action="store_true", help="time a whole `meshchop segment`")
+    p.add_argument("--air", action="store_true",
+                   help="the pass that skips the air against the whole grid's")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="PyTorch's threads (default: all the machine's cores)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time each pass and matmul by this process's CPU time "
+                   "(meant for --threads 1, on a machine that others share)")
     p.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
-    p.add_argument("--sample-worker", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    p.add_argument("--sample-worker", choices=("ours", "grid", "plain"), help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--slab", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not (args.worker or args.sample_worker):  # settings the workers inherit
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["BENCH_CLOCK"] = args.clock
+        if args.clock == "cpu":
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep, not spin
     if args.worker:
         print(json.dumps(worker(args.worker, args.size, args.slab)))
     elif args.sample_worker:
         print(json.dumps(sample_worker(args.sample_worker)))
     elif args.segment:
         segment_table(args.repeats)
+    elif args.air:
+        air_table()
     else:
         network_table(args.sizes, args.repeats, args.paths, [s or None for s in args.slabs])
 

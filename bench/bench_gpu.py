@@ -1,0 +1,148 @@
+"""The GPU figures of docs/benchmarks.md in one time-boxed run (a lent H200, or any CUDA GPU).
+
+1. MeshNet-26 inference on a 256^3 volume, float32 and float16 (``FusedMeshNet`` as
+   ``meshchop segment`` runs it on CUDA: channels last, cuDNN autotuning, the float16 pass
+   checked against a CPU float32 pass on a probe block): warm-up, ``--repeats`` timed passes,
+   peak GPU memory, and the largest P(lesion) difference between the two precisions.
+2. One training step at 256^3, whole volume, batch 1 (forward, weighted cross-entropy,
+   backward, AdamW): plain, lean and checkpointed in float32, and checkpointed with fp16
+   autocast and a gradient scaler (how ``meshchop train`` runs on CUDA); median step time
+   and peak GPU memory above the model and the batch.
+3. The hours for the paper's schedule, 50 epochs of 148 subjects, from each step's time
+   (training steps only: loading and validation come on top).
+
+Each part stops starting new measurements once ``--budget`` seconds have passed, so that the
+run fits the time it was lent. From the repository root, on the GPU machine::
+
+    python bench/bench_gpu.py --budget 420
+
+``--device cpu --size 32`` runs the same code on a small volume anywhere (a smoke check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from napari_meshchop.events import run
+from napari_meshchop.network.fused import FusedMeshNet
+from napari_meshchop.network.model import MeshNet
+from napari_meshchop.training.memory import forward
+
+EPOCHS, SUBJECTS = 50, 148  # the paper's schedule: 50 epochs over the 148 training subjects
+START = time.monotonic()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_mb(device: torch.device, base: int) -> float:
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
+        else float("nan")
+
+
+def inference(device, size, repeats, budget):
+    print("| precision | median s (runs) | peak GPU MB | largest P difference vs float32 |")
+    print("|---|---|---:|---:|")
+    torch.manual_seed(0)
+    model = MeshNet().eval()
+    volume = np.random.default_rng(0).random((size,) * 3, dtype=np.float32)
+    reference = None
+    for precision in ("float32", "float16"):
+        if time.monotonic() - START > budget:
+            print(f"| {precision} | (out of time) | | |")
+            continue
+        net = FusedMeshNet(model, device, precision=precision)
+        run(net.lesion_probability(volume))  # warm-up: cuDNN autotuning, the probe check
+        base = _reset_peak(device)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            prob = run(net.lesion_probability(volume))
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        reference = prob if reference is None else reference
+        runs = ", ".join(f"{t:.2f}" for t in times)
+        print(f"| {str(net.dtype).removeprefix('torch.')} | {statistics.median(times):.2f} "
+              f"({runs}) | {_peak_mb(device, base):.0f} "
+              f"| {np.abs(prob - reference).max():.2g} |", flush=True)
+
+
+def training(device, size, repeats, budget):
+    print("\n| step | median s | peak GPU MB above model and batch | hours for "
+          f"{EPOCHS} epochs x {SUBJECTS} subjects |")
+    print("|---|---:|---:|---:|")
+    for mode, amp in (("plain", False), ("lean", False), ("checkpoint", False),
+                      ("checkpoint", True)):
+        name = mode + (" + fp16 autocast" if amp else "")
+        if time.monotonic() - START > budget:
+            print(f"| {name} | (out of time) | | |")
+            continue
+        torch.manual_seed(0)
+        model = MeshNet().train().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0], device=device),
+                                            label_smoothing=0.01)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        x = torch.rand(1, 1, size, size, size, device=device)
+        y = (x[:, 0] > 0.9).long()
+        base = _reset_peak(device)
+
+        def step() -> float:
+            _sync(device)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = loss_fn(forward(model, x, mode), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            _sync(device)
+            return time.perf_counter() - start
+
+        try:
+            step()  # warm-up
+            seconds = statistics.median(step() for _ in range(repeats))
+        except torch.OutOfMemoryError:
+            print(f"| {name} | out of GPU memory | | |", flush=True)
+            continue
+        hours = seconds * EPOCHS * SUBJECTS / 3600
+        print(f"| {name} | {seconds:.2f} | {_peak_mb(device, base):.0f} | {hours:.2f} |",
+              flush=True)
+        del model, opt, x, y
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds after which no new measurement starts")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}, "
+              f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}\n")
+    inference(device, args.size, args.repeats, args.budget)
+    training(device, args.size, args.repeats, args.budget)
+
+
+if __name__ == "__main__":
+    main()
