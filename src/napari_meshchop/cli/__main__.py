@@ -2,6 +2,6 @@
 
 import sys
 
-from napari_meshchop.cli import main
+from napari_meshchop.cli import console
 
-sys.exit(main())
+sys.exit(console())
