@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> int:
-    """The ``meshchop`` command: :func:`main`, then an exit without the interpreter's last
-    garbage collection over PyTorch's million objects (0.5 s of every command that imported
-    it; the memory goes back to the system either way). Not for use inside a process that
-    goes on: frozen objects are never collected."""
+    """The ``meshchop`` command: :func:`main`, then ``gc.freeze()`` so that the interpreter's
+    shutdown leaves the objects alive at that point to the system instead of collecting
+    them (about 0.5 s less for any command that imported PyTorch; docs/benchmarks.md).
+    Not for use inside a process that goes on: frozen objects are never collected."""
     code = main()
     gc.freeze()
     return code
