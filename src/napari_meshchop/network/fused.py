@@ -23,8 +23,8 @@ central probe block in float32 on the CPU, and a pass that disagrees is redone i
 On any device the network skips the air: it runs on the box of voxels the scan covers (input
 above 0; conform, padding and defacing leave exact zeros) grown by half the receptive field's
 radius, and P(lesion) is 0 outside. The margin keeps the box's own zero padding away from the
-brain: on the sample scan the mask agrees with the whole-grid pass at Dice 0.99995 (9 voxels
-of 85,000) in 0.7 of its time (docs/benchmarks.md).
+brain: on the sample scan the mask agrees with the whole-grid pass at Dice 0.99992 (13
+voxels of 85,034) in 0.7 of its time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
