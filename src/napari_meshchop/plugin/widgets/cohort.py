@@ -44,7 +44,7 @@ from napari_meshchop.network import registry
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
 from napari_meshchop.plugin.widgets.evaluate import NumberItem
-from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.feedback import background_job, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock, when_closed
 
 if TYPE_CHECKING:
@@ -179,12 +179,9 @@ class CohortPanel(Container):
         self.out_dir, self.report = out, None
         self._report.enabled = False
         self._stop = threading.Event()
-        # Handlers go in through _connect: otherwise superqt re-raises worker errors.
-        self.worker = create_worker(
-            run.find_and_segment, source, out, options, self._suffix.value or "T2w",
-            stop=self._stop, _start_thread=False,
-            _connect={"yielded": self._on_event, "returned": self._on_result,
-                      "errored": self._on_error, "finished": self._on_finished})
+        self.worker = background_job(
+            self, run.find_and_segment, source, out, options, self._suffix.value or "T2w",
+            stop=self._stop)
         self._set_running(True)
         self._status.value = f"Looking for images in {source}..."
         self.worker.start()

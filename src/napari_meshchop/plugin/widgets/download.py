@@ -20,7 +20,6 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
 )
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QSettings
 from qtpy.QtGui import QFontDatabase
@@ -29,7 +28,7 @@ from napari_meshchop.data import arc, folds
 from napari_meshchop.data.manifest import REASONS, Manifest
 from napari_meshchop.errors import Cancelled
 from napari_meshchop.events import DownloadProgress, Progress
-from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.feedback import background_job, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 
@@ -110,11 +109,9 @@ class DownloadWidget(Container):
         self._save_settings()
         self._stop = threading.Event()
         self.result = None
-        self.worker = create_worker(
-            arc.download, folder, repo, self._revision.value.strip() or None, self._source,
-            self._stop, _start_thread=False,
-            _connect={"yielded": self._on_progress, "returned": self._show,
-                      "errored": self._on_error, "finished": self._on_finished})
+        self.worker = background_job(
+            self, arc.download, folder, repo, self._revision.value.strip() or None,
+            self._source, self._stop)
         self._set_running(True)
         self._summary.value = ""
         self._status.value = f"Opening {repo}..."
@@ -127,7 +124,7 @@ class DownloadWidget(Container):
             self._start.enabled = False
             self._status.value = "Stopping..."
 
-    def _on_progress(self, event) -> None:
+    def _on_event(self, event) -> None:
         if not isinstance(event, Progress):
             return
         self._progress.max = max(event.total, 1)
@@ -138,7 +135,7 @@ class DownloadWidget(Container):
             text += f", {arc.human_bytes(event.nbytes)} so far"
         self._status.value = f"{text} ({event.message})" if event.message else text
 
-    def _show(self, result: arc.DownloadResult) -> None:
+    def _on_result(self, result: arc.DownloadResult) -> None:
         self.result = result
         self._status.value = "\n".join(result.summary())
         self._summary.value = cohort_report(result.manifest)

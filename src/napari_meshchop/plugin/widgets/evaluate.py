@@ -52,7 +52,7 @@ from napari_meshchop.events import Progress
 from napari_meshchop.network import registry
 from napari_meshchop.network.inference import available_devices
 from napari_meshchop.plugin.reader import read_layer
-from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
+from napari_meshchop.plugin.widgets.feedback import background_job, cohort_problem, report_error
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
 
@@ -280,12 +280,9 @@ class EvaluateWidget(Container):
         self._runs += 1
         self._predictions = Path(self._scratch.name) / f"run-{self._runs}"
         self._stop = threading.Event()
-        # Handlers go in through _connect: otherwise superqt re-raises worker errors.
-        self.worker = create_worker(
-            evaluate.evaluate, models, data_dir, ids, device=self._device.value,
-            predictions_dir=self._predictions, stop=self._stop, _start_thread=False,
-            _connect={"yielded": self._on_event, "returned": self._on_result,
-                      "errored": self._on_error, "finished": self._on_finished})
+        self.worker = background_job(
+            self, evaluate.evaluate, models, data_dir, ids, device=self._device.value,
+            predictions_dir=self._predictions, stop=self._stop)
         self._set_running(True)
         self._progress.max, self._progress.value = len(ids), 0
         self._status.value = f"Evaluating {len(ids)} subjects..."

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from magicgui.widgets import Label
+from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 
@@ -18,6 +19,19 @@ from napari_meshchop.events import Progress
 log = logging.getLogger(__name__)
 
 DOWNLOAD_WIDGET = "Plugins > MeshChop stroke lesions > Download ARC cohort"
+
+
+def background_job(owner, function: Callable, *args, **kwargs):
+    """``function(*args, **kwargs)``, a core job, as napari's thread worker, not started yet.
+
+    Its yielded events go to ``owner._on_event``, what it returns to ``owner._on_result``,
+    an exception to ``owner._on_error``; ``owner._on_finished`` runs however it ends. The
+    handlers go in through ``_connect``: connected afterwards, superqt re-raises the job's
+    errors.
+    """
+    return create_worker(function, *args, **kwargs, _start_thread=False, _connect={
+        "yielded": owner._on_event, "returned": owner._on_result,
+        "errored": owner._on_error, "finished": owner._on_finished})
 
 
 def report_error(status: Label, what: str, exc: Exception) -> None:

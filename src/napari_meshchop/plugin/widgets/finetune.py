@@ -23,13 +23,12 @@ from magicgui.widgets import (
     PushButton,
     Table,
 )
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Notice, Progress
 from napari_meshchop.network import registry
-from napari_meshchop.plugin.widgets.feedback import report_error
+from napari_meshchop.plugin.widgets.feedback import background_job, report_error
 from napari_meshchop.plugin.widgets.lesions import DEFAULT_DATA_DIR
 from napari_meshchop.plugin.widgets.segment import checkpoint_label, offer_checkpoint
 from napari_meshchop.plugin.widgets.settings import SettingsForm
@@ -118,11 +117,8 @@ class FinetuneSection(Container):
         self._stop = threading.Event()
         self.result = None
         self._show_rows([])
-        self.worker = create_worker(
-            finetune, config, Path(self._out.value), self._resume.value, self._stop,
-            _start_thread=False,
-            _connect={"yielded": self._on_event, "returned": self._on_result,
-                      "errored": self._on_error, "finished": self._on_finished})
+        self.worker = background_job(
+            self, finetune, config, Path(self._out.value), self._resume.value, self._stop)
         self._start.text = "Stop"
         self._status.value = "Fine-tuning..."
         self.worker.start()

@@ -31,7 +31,7 @@ from napari_meshchop.errors import MeshchopError
 from napari_meshchop.events import Notice
 from napari_meshchop.imaging.preprocess import PreprocessSpec
 from napari_meshchop.plugin.widgets.export import add_export_button
-from napari_meshchop.plugin.widgets.feedback import cohort_problem, report_error
+from napari_meshchop.plugin.widgets.feedback import background_job, cohort_problem, report_error
 from napari_meshchop.plugin.widgets.finetune import FinetuneSection
 from napari_meshchop.plugin.widgets.layout import fit_dock
 from napari_meshchop.plugin.widgets.paths import default_folder, elide_path
@@ -295,11 +295,8 @@ class TrainWidget(Container):
         self.plot.clear()
         self._epoch_bar.max = config.epochs
         self._epoch_bar.value = 0
-        self.worker = create_worker(
-            train, config, Path(self._out.value), self._resume.value, self._stop,
-            _start_thread=False,
-            _connect={"yielded": self._on_event, "returned": self._on_result,
-                      "errored": self._on_error, "finished": self._on_finished})
+        self.worker = background_job(
+            self, train, config, Path(self._out.value), self._resume.value, self._stop)
         self._start.text = "Stop"
         self._status.value = "Training..."
         self.worker.start()
@@ -401,12 +398,10 @@ class SearchSection(Container):
         self._stop = threading.Event()
         self.result = None
         self._show_rows([])
-        self.worker = create_worker(
-            hpo.search, config, Path(self._owner._out.value), self._trials.value, chosen,
+        self.worker = background_job(
+            self, hpo.search, config, Path(self._owner._out.value), self._trials.value, chosen,
             self._storage.value.strip() or None, self._study.value.strip() or space.STUDY,
-            stop=self._stop, _start_thread=False,
-            _connect={"yielded": self._on_event, "returned": self._on_result,
-                      "errored": self._on_error, "finished": self._on_finished})
+            stop=self._stop)
         self._start.text = "Stop search"
         self._status.value = "Searching..."
         self.worker.start()
