@@ -27,12 +27,14 @@ import time
 
 import numpy as np
 import torch
+from bench_train import _setup  # bench/ is on the path when this script runs
 
 from napari_meshchop.events import run
 from napari_meshchop.network.fused import FusedMeshNet
 from napari_meshchop.network.model import MeshNet
 from napari_meshchop.training.memory import forward
 
+CHANNELS = 26  # MeshNet-26
 EPOCHS, SUBJECTS = 50, 148  # the paper's schedule: 50 epochs over the 148 training subjects
 START = time.monotonic()
 
@@ -93,14 +95,8 @@ def training(device, size, repeats, budget):
         if time.monotonic() - START > budget:
             print(f"| {name} | (out of time) | | |")
             continue
-        torch.manual_seed(0)
-        model = MeshNet().train().to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
-        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0], device=device),
-                                            label_smoothing=0.01)
+        model, opt, loss_fn, x, y = _setup(size, CHANNELS, device)  # bench_train's step
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        x = torch.rand(1, 1, size, size, size, device=device)
-        y = (x[:, 0] > 0.9).long()
         base = _reset_peak(device)
 
         def step() -> float:
@@ -124,7 +120,6 @@ def training(device, size, repeats, budget):
         hours = seconds * EPOCHS * SUBJECTS / 3600
         print(f"| {name} | {seconds:.2f} | {_peak_mb(device, base):.0f} | {hours:.2f} |",
               flush=True)
-        del model, opt, x, y
 
 
 def main() -> None:
